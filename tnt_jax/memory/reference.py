@@ -1,0 +1,121 @@
+"""The token-level reference of SPEC §1: a literal loop over tokens with jax.grad.
+
+Written to be read, not to be fast. Every fast path (chunkwise op, TNT op, kernels, decoding) is
+tested against it. One head at a time; `reference_memory` vmaps over batch and heads.
+
+For token t of a call (positions counted from the call's first token), C = chunk_size:
+  u_t = grad_W l(W_{xi(t)}; k_t, v_t)    W_{xi(t)}: state after every token before t's chunk
+  gd:     W_t = W_{t-1} - theta_t u_t
+  titans: S_t = eta_t S_{t-1} - theta_t u_t;  W_t = (1 - alpha_t) W_{t-1} + S_t
+  lact:   g += theta_t u_t; after the chunk's last token (or the call's last token):
+          W, m = lact_update(W, m, g, beta = mean of the chunk's eta)
+  cumulative read: o_t = f(W_t; q_t)      chunk-start read: o_t = f(W_{xi(t)}; q_t)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.losses import get_loss
+from tnt_jax.memory.models import plain_dense
+from tnt_jax.memory.rules import Gates, MemoryState, lact_update
+
+Array = jax.Array
+
+
+def _tree_where(pred, on_true, on_false):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def _scale(tree, s):
+  return jax.tree.map(lambda x: s * x, tree)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def reference_single_head(q_TxD, k_TxD, v_TxD, theta_T, eta_T, alpha_T, weights, momentum,
+                          slow, config: MemoryConfig):
+  """One head, one sequence. Returns (o_TxD, (weights, momentum))."""
+  model, rule, chunk = config.model, config.rule, config.chunk_size
+  loss = get_loss(config.loss)
+  num_tokens = q_TxD.shape[0]
+
+  def f(w, x):
+    return model.apply(plain_dense(w), slow, x)
+
+  def token_grad(w, k_t, v_t):
+    return jax.grad(lambda w_: loss(f(w_, k_t), v_t))(w)
+
+  steps = jnp.arange(num_tokens)
+  if rule.kind in ("gd", "titans"):
+    def step(carry, inputs):
+      w, s, w_chunk_start = carry
+      t, q_t, k_t, v_t, theta_t, eta_t, alpha_t = inputs
+      w_chunk_start = _tree_where(t % chunk == 0, w, w_chunk_start)
+      u = token_grad(w_chunk_start, k_t, v_t)
+      if rule.kind == "titans":
+        s = _add(_scale(s, eta_t), _scale(u, -theta_t))
+        w = _add(_scale(w, 1.0 - alpha_t), s)
+      else:
+        w = _add(w, _scale(u, -theta_t))
+      read_w = w if config.read == "cumulative" else w_chunk_start
+      return (w, s, w_chunk_start), f(read_w, q_t)
+
+    zeros = jnp.zeros_like(theta_T)
+    inputs = (steps, q_TxD, k_TxD, v_TxD, theta_T,
+              zeros if eta_T is None else eta_T, zeros if alpha_T is None else alpha_T)
+    (w, s, _), o = jax.lax.scan(step, (weights, momentum, weights), inputs)
+    return o, (w, s)
+
+  # lact: accumulate the chunk's gradient at the chunk-start state, update after its last token.
+  def step(carry, inputs):
+    w, m, g, eta_sum, count = carry
+    t, q_t, k_t, v_t, theta_t, eta_t = inputs
+    o_t = f(w, q_t)
+    g = _add(g, _scale(token_grad(w, k_t, v_t), theta_t))
+    eta_sum, count = eta_sum + eta_t, count + 1
+    w_new, m_new = lact_update(w, m, g, eta_sum / count, rule)
+    last = (t % chunk == chunk - 1) | (t == num_tokens - 1)
+    w = _tree_where(last, w_new, w)
+    m = _tree_where(last, m_new, m)
+    g = _tree_where(last, jax.tree.map(jnp.zeros_like, g), g)
+    eta_sum, count = jnp.where(last, 0.0, eta_sum), jnp.where(last, 0, count)
+    return (w, m, g, eta_sum, count), o_t
+
+  eta_in = jnp.zeros_like(theta_T) if eta_T is None else eta_T
+  carry0 = (weights, momentum, jax.tree.map(jnp.zeros_like, weights),
+            jnp.zeros((), theta_T.dtype), jnp.zeros((), jnp.int32))
+  (w, m, _, _, _), o = jax.lax.scan(
+      step, carry0, (steps, q_TxD, k_TxD, v_TxD, theta_T, eta_in))
+  return o, (w, m)
+
+
+def reference_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
+                     state: MemoryState, slow: dict, config: MemoryConfig):
+  """Batched reference. State leaves are [B, H, ...]; slow leaves [H, ...]; gates [B, T, H].
+
+  Computes in float32 (float64 under x64) whatever the input dtype; returns outputs in the
+  input dtype and the state in float32/float64.
+  """
+  acc = jnp.promote_types(q_BxTxHxD.dtype, jnp.float32)
+  to_bhtd = lambda x: jnp.swapaxes(x, 1, 2).astype(acc)
+  to_bht = lambda g: None if g is None else jnp.swapaxes(g, 1, 2).astype(acc)
+  state = jax.tree.map(lambda x: x.astype(acc), state)
+  slow = jax.tree.map(lambda x: x.astype(acc), slow)
+
+  def per_head(q, k, v, th, et, al, w, m, sl):
+    return reference_single_head(q, k, v, th, et, al, w, m, sl, config)
+
+  # Gates that are None stay None through vmap (in_axes None for them).
+  eta, alpha = to_bht(gates.eta), to_bht(gates.alpha)
+  head_axes = (0, 0, 0, 0, None if eta is None else 0, None if alpha is None else 0, 0,
+               None if state.momentum is None else 0, 0)
+  batch_axes = head_axes[:-1] + (None,)
+  fn = jax.vmap(jax.vmap(per_head, in_axes=head_axes), in_axes=batch_axes)
+  o_BxHxTxD, (w, m) = fn(to_bhtd(q_BxTxHxD), to_bhtd(k_BxTxHxD), to_bhtd(v_BxTxHxD),
+                         to_bht(gates.theta), eta, alpha, state.weights, state.momentum, slow)
+  return jnp.swapaxes(o_BxHxTxD, 1, 2).astype(q_BxTxHxD.dtype), MemoryState(w, m)

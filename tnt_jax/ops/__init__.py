@@ -1,0 +1,1 @@
+"""Memory ops; import them through `tnt_jax.ops.api`."""

@@ -1,0 +1,111 @@
+"""The one entry point of the deep-memory op: validation, then the chosen implementation.
+
+    out_BxTxHxD, final_state = memory_op(q, k, v, gates, state, slow, config,
+                                         implementation="xla")
+
+q, k, v: [batch, time, heads, head_dim], one dtype (float32, bfloat16 or float64); matmuls run in
+  that dtype, accumulation and the recurrent state in float32 (float64 for float64 inputs).
+gates: `Gates(theta, eta, alpha)`, each [batch, time, heads]; which ones a rule needs:
+  gd -> theta; titans -> theta, eta, alpha; lact -> theta (+ eta with momentum).
+state: `MemoryState(weights, momentum)` with leaves [batch, heads, ...]; `config.init_state`
+  builds it from the learned W_init. The returned state continues a stream: calling the op on
+  x[:, :T1] then on x[:, T1:] with the carried state equals one call when T1 is a multiple of
+  chunk_size (chunks are counted from each call's first token).
+slow: the model's slow parameters ({} unless residual_norm), leaves [heads, head_dim].
+implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel).
+A length that is not a multiple of chunk_size is fine: the last chunk is shorter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.reference import reference_memory
+from tnt_jax.memory.rules import Gates, MemoryState
+from tnt_jax.ops.chunkwise import chunkwise_memory
+
+Array = jax.Array
+IMPLEMENTATIONS = ("reference", "xla")
+
+
+def _shape_of(x):
+  return tuple(x.shape)
+
+
+def validate_memory_inputs(q, k, v, gates: Gates, state: MemoryState, slow: dict,
+                           config: MemoryConfig) -> None:
+  """Raise ValueError naming the offending value; runs on shapes only, before any tracing."""
+  if not isinstance(config, MemoryConfig):
+    raise ValueError(f"config must be a MemoryConfig, got {type(config).__name__}")
+  if q.ndim != 4:
+    raise ValueError(f"q must be [batch, time, heads, head_dim], got shape {_shape_of(q)}")
+  for name, x in (("k", k), ("v", v)):
+    if x.shape != q.shape:
+      raise ValueError(f"{name}.shape={_shape_of(x)} must equal q.shape={_shape_of(q)}")
+    if x.dtype != q.dtype:
+      raise ValueError(f"{name}.dtype={x.dtype} must equal q.dtype={q.dtype}")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"q.dtype={q.dtype} must be a floating type")
+  batch, length, heads, head_dim = q.shape
+  if length < 1:
+    raise ValueError(f"sequence length={length} must be >= 1")
+  gate_shape = (batch, length, heads)
+  needed = config.rule.required_gates()
+  for name in ("theta", "eta", "alpha"):
+    g = getattr(gates, name)
+    if name in needed and g is None:
+      raise ValueError(f"rule={config.rule.kind!r} needs gate {name}; got None")
+    if name not in needed and g is not None:
+      raise ValueError(f"rule={config.rule.kind!r} (momentum={config.rule.momentum}) does not "
+                       f"use gate {name}; pass None")
+    if g is not None and tuple(g.shape) != gate_shape:
+      raise ValueError(f"gate {name}.shape={_shape_of(g)} must be [batch, time, heads]="
+                       f"{gate_shape}")
+  shapes = config.model.layer_shapes(head_dim)
+  if set(state.weights) != set(shapes):
+    raise ValueError(f"state weights have layers {sorted(state.weights)}, but model "
+                     f"{config.model.kind!r} has {sorted(shapes)}")
+  for layer, (out_dim, in_dim) in shapes.items():
+    want = {"w": (batch, heads, out_dim, in_dim)}
+    if config.model.bias:
+      want["b"] = (batch, heads, out_dim)
+    got = {leaf: _shape_of(x) for leaf, x in state.weights[layer].items()}
+    if got != want:
+      raise ValueError(f"state weights[{layer!r}] shapes {got} must be {want} "
+                       f"(batch={batch}, heads={heads}, head_dim={head_dim})")
+  if config.rule.has_momentum:
+    if state.momentum is None:
+      raise ValueError(f"rule={config.rule.kind!r} carries momentum but state.momentum is None; "
+                       "build the state with config.init_state")
+    if jax.tree.map(_shape_of, state.momentum) != jax.tree.map(_shape_of, state.weights):
+      raise ValueError("state.momentum must have the same shapes as state.weights")
+  elif state.momentum is not None:
+    raise ValueError(f"rule={config.rule.kind!r} has no momentum but state.momentum is set")
+  want_slow = jax.tree.map(_shape_of, config.model.init_slow_params(heads, head_dim))
+  if jax.tree.map(_shape_of, dict(slow)) != want_slow:
+    raise ValueError(f"slow params shapes {jax.tree.map(_shape_of, dict(slow))} must be "
+                     f"{want_slow} for this model")
+
+
+def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
+              state: MemoryState, slow: dict | None, config: MemoryConfig, *,
+              implementation: str = "xla", remat: bool = False, unroll: int = 1
+              ) -> tuple[Array, MemoryState]:
+  """Run a deep test-time memory over a sequence; returns (outputs [B,T,H,D], final state).
+
+  remat: recompute each chunk's forward in the backward pass (less memory, ~1/3 more compute).
+  unroll: chunks per iteration of the scan over chunks (fewer loop trips for small chunks).
+  """
+  slow = {} if slow is None else slow
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is unknown; expected one of "
+                     f"{IMPLEMENTATIONS}")
+  if not isinstance(unroll, int) or unroll < 1:
+    raise ValueError(f"unroll={unroll!r} must be an integer >= 1")
+  validate_memory_inputs(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
+  if implementation == "reference":
+    return reference_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
+  return chunkwise_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config,
+                          remat=remat, unroll=unroll)

@@ -1,0 +1,204 @@
+"""The chunkwise-parallel memory op (SPEC §1.2-1.4) in plain XLA.
+
+Inside a chunk every gradient is taken at the chunk-start state W0, so with the memory written
+against `dense(layer, x)` (memory/models.py) each layer's per-token gradient is an outer product
+delta_j a_j^T, and the state after token t is
+
+    W_t = p_t W0 + q_t S0 + sum_{j<=t} c_tj delta_j a_j^T        (c: transitions.py, incl. -theta)
+
+A cumulative read applies this to the query's activation x_t without forming W_t (the dual form):
+
+    W_t x_t = p_t (W0 x_t) + q_t (S0 x_t) + sum_j c_tj (a_j . x_t) delta_j
+
+i.e. C x C score matrices and C x d matmuls, never one weight copy per token. A `lax.scan` runs
+over chunks carrying (W, S) in float32; gate coefficients for all chunks are computed before it.
+
+Lengths that are not a multiple of C are padded at the end with tokens that carry no gradient and
+leave the state unchanged (identity transitions); their outputs are dropped, so the final state is
+the state after the last real token, exactly as in the token-level reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.losses import get_loss
+from tnt_jax.memory.rules import Gates, MemoryState, lact_update
+from tnt_jax.ops import transitions
+
+Array = jax.Array
+
+
+def _matmul(eq: str, x: Array, y: Array, compute_dtype, acc_dtype) -> Array:
+  return jnp.einsum(eq, x.astype(compute_dtype), y.astype(compute_dtype),
+                    preferred_element_type=acc_dtype)
+
+
+def _to_chunks(x_BxTxHx_, num_chunks: int, chunk: int, fill=0.0) -> Array:
+  """[B, T, H, ...] -> [N, B, H, C, ...], padding T at the end with `fill`."""
+  b, t, h = x_BxTxHx_.shape[:3]
+  pad = num_chunks * chunk - t
+  if pad:
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_BxTxHx_.ndim - 2)
+    x_BxTxHx_ = jnp.pad(x_BxTxHx_, widths, constant_values=fill)
+  x = x_BxTxHx_.reshape((b, num_chunks, chunk, h) + x_BxTxHx_.shape[3:])
+  return jnp.moveaxis(x, (1, 3), (0, 2))
+
+
+def _from_chunks(x_NxBxHxCxD: Array, length: int) -> Array:
+  n, b, h, c, d = x_NxBxHxCxD.shape
+  return jnp.moveaxis(x_NxBxHxCxD, (0, 2), (1, 3)).reshape(b, n * c, h, d)[:, :length]
+
+
+class _ChunkMath:
+  """Batched per-chunk pieces shared by every rule: x [B, H, C, in], weights [B, H, out, in]."""
+
+  def __init__(self, config: MemoryConfig, slow: dict, compute_dtype, acc_dtype):
+    self.config = config
+    self.loss = get_loss(config.loss)
+    # Slow params [H, d] broadcast against activations [B, H, C, d].
+    self.slow = jax.tree.map(lambda p: p[:, None, :].astype(acc_dtype), slow)
+    self.cd, self.acc = compute_dtype, acc_dtype
+
+  def mm(self, eq, x, y):
+    return _matmul(eq, x, y, self.cd, self.acc)
+
+  def dense_at(self, weights: dict):
+    def dense(name, x):
+      layer = weights[name]
+      y = self.mm("bhci,bhoi->bhco", x, layer["w"])
+      return y + layer["b"][:, :, None, :] if "b" in layer else y
+    return dense
+
+  def apply(self, dense, x):
+    return self.config.model.apply(dense, self.slow, x)
+
+  def token_gradients(self, weights: dict, k_BxHxCxD: Array, v_BxHxCxD: Array):
+    """Per-token loss gradients at `weights` as outer products: ({layer: delta}, {layer: a})."""
+    plain = self.dense_at(weights)
+    perturb = {name: jnp.zeros(k_BxHxCxD.shape[:3] + (layer["w"].shape[-2],), self.acc)
+               for name, layer in weights.items()}
+
+    def total_loss(perturb):
+      inputs = {}
+
+      def dense(name, x):
+        inputs[name] = x
+        return plain(name, x) + perturb[name]
+
+      y = self.apply(dense, k_BxHxCxD.astype(self.acc))
+      return jnp.sum(self.loss(y, v_BxHxCxD.astype(self.acc))), inputs
+
+    return jax.grad(total_loss, has_aux=True)(perturb)
+
+  def outer_sum(self, coef_BxHxC, deltas, inputs, like: dict) -> dict:
+    """sum_j coef_j delta_j a_j^T for each layer (bias: sum_j coef_j delta_j)."""
+    out = {}
+    for name, layer in like.items():
+      scaled = deltas[name] * coef_BxHxC[..., None]
+      out[name] = {"w": self.mm("bhco,bhci->bhoi", scaled, inputs[name])}
+      if "b" in layer:
+        out[name]["b"] = jnp.sum(scaled, axis=2)
+    return out
+
+
+def _combine(coef_w, w: dict, update: dict, coef_s=None, s=None) -> dict:
+  """coef_w * W [+ coef_s * S] + update, with [B, H] coefficients broadcast over each leaf."""
+  bc = lambda c, x: c.reshape(c.shape + (1,) * (x.ndim - c.ndim))
+  if s is None:
+    return jax.tree.map(lambda w_, u: bc(coef_w, w_) * w_ + u, w, update)
+  return jax.tree.map(lambda w_, s_, u: bc(coef_w, w_) * w_ + bc(coef_s, s_) * s_ + u,
+                      w, s, update)
+
+
+def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
+                     state: MemoryState, slow: dict, config: MemoryConfig, *,
+                     remat: bool = False, unroll: int = 1):
+  """Chunkwise-parallel memory. Same contract as `reference_memory` (see ops/api.py)."""
+  b, t, h, d = q_BxTxHxD.shape
+  chunk, rule = config.chunk_size, config.rule
+  num_chunks = -(-t // chunk)
+  cd = q_BxTxHxD.dtype
+  acc = jnp.promote_types(cd, jnp.float32)
+  math = _ChunkMath(config, slow, cd, acc)
+
+  q_c, k_c, v_c = (_to_chunks(x, num_chunks, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
+  valid_NxC = (jnp.arange(num_chunks * chunk) < t).reshape(num_chunks, chunk)
+  valid = valid_NxC[:, None, None, :]                                    # [N, 1, 1, C]
+  gate = lambda g: None if g is None else _to_chunks(g.astype(acc), num_chunks, chunk)
+  theta, eta, alpha = gate(gates.theta), gate(gates.eta), gate(gates.alpha)
+  theta = jnp.where(valid, theta, 0.0)                                   # [N, B, H, C]
+  weights0 = jax.tree.map(lambda x: x.astype(acc), state.weights)
+  momentum0 = None if state.momentum is None else jax.tree.map(lambda x: x.astype(acc),
+                                                               state.momentum)
+
+  if rule.kind == "lact":
+    beta = None
+    if rule.has_momentum:
+      eta = jnp.where(valid, eta, 0.0)
+      beta = jnp.sum(eta, -1) / jnp.maximum(jnp.sum(valid, -1), 1)       # [N, B, H]
+
+    def step(carry, xs):
+      w0, m0 = carry
+      q, k, v, theta_c, beta_c = xs
+      deltas, inputs = math.token_gradients(w0, k, v)
+      out = math.apply(math.dense_at(w0), q.astype(acc))
+      grad = math.outer_sum(theta_c, deltas, inputs, w0)
+      return lact_update(w0, m0, grad, beta_c, rule), out
+
+    xs = (q_c, k_c, v_c, theta, beta)
+  else:
+    zeros = jnp.zeros_like(theta)
+    eta = zeros if eta is None else eta
+    alpha = zeros if alpha is None else alpha
+    coef_fn = (transitions.chunk_token_coefficients if config.read == "cumulative"
+               else transitions.chunk_end_coefficients)
+    coefs = coef_fn(-theta, eta, alpha, jnp.broadcast_to(valid, theta.shape))
+    has_s = rule.has_momentum
+
+    def step(carry, xs):
+      w0, s0 = carry
+      q, k, v, c = xs
+      deltas, inputs = math.token_gradients(w0, k, v)
+      q = q.astype(acc)
+      if config.read == "cumulative":
+        out = math.apply(_dual_dense(math, w0, s0, deltas, inputs, c), q)
+        end = lambda x: x[..., -1]
+        w_end, s_end, x_end = end(c.w_from_w0), end(c.w_from_s0), c.w_from_x[..., -1, :]
+      else:
+        out = math.apply(math.dense_at(w0), q)
+        w_end, s_end, x_end = c.w_from_w0, c.w_from_s0, c.w_from_x
+      w1 = _combine(w_end, w0, math.outer_sum(x_end, deltas, inputs, w0),
+                    s_end, s0 if has_s else None)
+      s1 = None
+      if has_s:
+        s1 = _combine(c.s_from_s0, s0, math.outer_sum(c.s_from_x, deltas, inputs, w0))
+      return (w1, s1), out
+
+    xs = (q_c, k_c, v_c, coefs)
+
+  if remat:
+    step = jax.checkpoint(step)
+  (w_final, s_final), out_N = jax.lax.scan(step, (weights0, momentum0), xs, unroll=unroll)
+  out = _from_chunks(out_N, t).astype(q_BxTxHxD.dtype)
+  return out, MemoryState(w_final, s_final)
+
+
+def _dual_dense(math: _ChunkMath, w0: dict, s0, deltas: dict, inputs: dict,
+                c: transitions.ChunkCoefficients):
+  """dense() that applies W_t (the state after token t) to each row x_t, in dual form."""
+  at_w0 = math.dense_at(w0)
+  at_s0 = math.dense_at(s0) if s0 is not None else None
+
+  def dense(name, x_BxHxCxI):
+    y = c.w_from_w0[..., None] * at_w0(name, x_BxHxCxI)
+    if at_s0 is not None:
+      y = y + c.w_from_s0[..., None] * at_s0(name, x_BxHxCxI)
+    scores = math.mm("bhti,bhji->bhtj", x_BxHxCxI, inputs[name])
+    if "b" in w0[name]:
+      scores = scores + 1.0
+    return y + math.mm("bhtj,bhjo->bhto", c.w_from_x * scores, deltas[name])
+
+  return dense

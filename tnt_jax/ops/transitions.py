@@ -1,0 +1,92 @@
+"""Coefficients of the Titans/TTT recurrence inside a chunk, exactly and without logarithms.
+
+Per valid token t the pair (W, S) evolves linearly, with input x_t = -theta_t u_t:
+    [W_t]   [1-alpha_t  eta_t] [W_{t-1}]   [x_t]
+    [S_t] = [    0      eta_t] [S_{t-1}] + [x_t]
+(gd: alpha = eta = 0, no S carried). A padded token is the identity with no input. Products of
+these upper-triangular 2x2 matrices are again upper triangular, stored as (p, q, r) =
+[[p, q], [0, r]]; we form them with associative scans, so gates equal to 0 or 1 are exact and
+nothing is divided.
+
+Cumulative read needs, for every pair t >= j in a chunk, P[t, j] = M_t ... M_{j+1}:
+    W_t = p[t,-1] W_0 + q[t,-1] S_0 + sum_j (p + q)[t, j] x_j
+    S_t =                r[t,-1] S_0 + sum_j       r[t, j] x_j
+Chunk-start read only needs the chunk's end (t = C-1): suffix products, O(C) per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class ChunkCoefficients(NamedTuple):
+  """All arrays carry leading dims [..., C] (per token) or [..., C, C] (token t, source j)."""
+  w_from_w0: Array        # [..., C]     p[t, -1]       (or [...] at the chunk end)
+  w_from_s0: Array        # [..., C]     q[t, -1]
+  w_from_x: Array         # [..., C, C]  (p+q)[t, j] * theta_j, zero for j > t  ([..., C] at end)
+  s_from_s0: Array        # [...]        r[C-1, -1]
+  s_from_x: Array         # [..., C]     r[C-1, j] * theta_j
+
+
+def _compose(earlier, later):
+  """later @ earlier for upper-triangular 2x2 matrices (p, q, r)."""
+  p1, q1, r1 = earlier
+  p2, q2, r2 = later
+  return p2 * p1, p2 * q1 + q2 * r1, r2 * r1
+
+
+def _token_matrices(alpha_xC, eta_xC, valid_xC):
+  one = jnp.ones_like(alpha_xC)
+  p = jnp.where(valid_xC, 1.0 - alpha_xC, one)
+  q = jnp.where(valid_xC, eta_xC, 0.0 * one)
+  r = jnp.where(valid_xC, eta_xC, one)
+  return p, q, r
+
+
+def chunk_end_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC) -> ChunkCoefficients:
+  """Coefficients of the state at the chunk's last token (chunk-start read needs only these).
+
+  theta/eta/alpha: [..., C] (theta already zero at padded tokens); valid: [..., C] bool.
+  """
+  p, q, r = _token_matrices(alpha_xC, eta_xC, valid_xC)
+  # suffix[i] = M_{C-1} ... M_i ; suffix[C] = I.  The state's coefficient of x_j is suffix[j+1].
+  def compose_reverse(later_block, earlier_block):
+    # associative_scan(reverse=True) combines (higher-index block, lower-index block).
+    return _compose(earlier_block, later_block)
+
+  suf_p, suf_q, suf_r = jax.lax.associative_scan(compose_reverse, (p, q, r), reverse=True,
+                                                 axis=p.ndim - 1)
+  one = jnp.ones_like(p[..., :1])
+  zero = jnp.zeros_like(one)
+  next_p = jnp.concatenate([suf_p[..., 1:], one], axis=-1)
+  next_q = jnp.concatenate([suf_q[..., 1:], zero], axis=-1)
+  next_r = jnp.concatenate([suf_r[..., 1:], one], axis=-1)
+  return ChunkCoefficients(
+      w_from_w0=suf_p[..., 0], w_from_s0=suf_q[..., 0],
+      w_from_x=(next_p + next_q) * theta_xC,
+      s_from_s0=suf_r[..., 0], s_from_x=next_r * theta_xC)
+
+
+def chunk_token_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC) -> ChunkCoefficients:
+  """Per-token coefficients for the cumulative read, plus the chunk-end ones."""
+  size = theta_xC.shape[-1]
+  p, q, r = _token_matrices(alpha_xC, eta_xC, valid_xC)
+  # Column j' = j + 1 in [0, C] holds sources j = -1 (initial state) .. C-1; row t holds M_t
+  # where t > j, else the identity, so a cumulative product down the rows gives P[t, j].
+  t_idx = jnp.arange(size)[:, None]
+  j_idx = jnp.arange(size + 1)[None, :] - 1
+  after_source = t_idx > j_idx                                   # [C, C+1]
+  expand = lambda x, fill: jnp.where(after_source, x[..., :, None], fill)
+  one = jnp.ones_like(p)[..., :, None]
+  pm, qm, rm = expand(p, one), expand(q, 0.0 * one), expand(r, one)
+  cp, cq, cr = jax.lax.associative_scan(_compose, (pm, qm, rm), axis=pm.ndim - 2)
+  causal = (t_idx >= j_idx)[:, 1:]                               # [C, C]: t >= j
+  w_from_x = jnp.where(causal, (cp + cq)[..., 1:], 0.0) * theta_xC[..., None, :]
+  return ChunkCoefficients(
+      w_from_w0=cp[..., 0], w_from_s0=cq[..., 0], w_from_x=w_from_x,
+      s_from_s0=cr[..., -1, 0], s_from_x=cr[..., -1, 1:] * theta_xC)
