@@ -37,7 +37,9 @@ def _seed(*names) -> int:
 def _fwd_and_grads(config, implementation, args, cotangent_seed):
   """Outputs, final state and the vjp w.r.t. every input, for one implementation."""
   def run(q, k, v, gates, state, slow):
-    return memory_op(q, k, v, gates, state, slow, config, implementation=implementation)
+    # unroll=1 keeps CPU compiles small; unrolling is checked on its own below.
+    return memory_op(q, k, v, gates, state, slow, config, implementation=implementation,
+                     unroll=None if implementation == "reference" else 1)
 
   @jax.jit
   def fwd_bwd(args):
@@ -108,6 +110,15 @@ class StreamingAndDtypeTest(parameterized.TestCase):
                           slow, config)
     assert_trees_rel_close(self, jnp.concatenate([out1, out2], axis=1), whole, 1e-5, "output")
     assert_trees_rel_close(self, end, whole_state, 1e-5, "state")
+
+  @parameterized.parameters(*itertools.product(("titans_cumulative", "lact_momentum_muon"),
+                                                (None, 2, 5)))
+  def test_unroll_does_not_change_results(self, rule_read, unroll):
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MODELS["mlp"], rule, "l2", read, 2)
+    args = random_inputs(config, jax.random.key(11), length=11)
+    want = memory_op(*args, config, unroll=1)
+    assert_trees_rel_close(self, memory_op(*args, config, unroll=unroll), want, 1e-6, "unroll")
 
   @parameterized.parameters("titans_cumulative", "gd_chunk_start", "lact_momentum_muon")
   def test_bf16_close_to_float32(self, rule_read):

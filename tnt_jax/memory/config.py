@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,13 @@ class MemoryConfig:
   chunk_size: int = 16
 
   def __post_init__(self):
-    if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+    try:
+      chunk = operator.index(self.chunk_size)
+    except TypeError:
+      chunk = None
+    if chunk is None or isinstance(self.chunk_size, bool) or chunk < 1:
       raise ValueError(f"chunk_size={self.chunk_size!r} must be an integer >= 1")
+    object.__setattr__(self, "chunk_size", int(chunk))
     if self.loss not in LOSSES:
       raise ValueError(f"inner loss={self.loss!r} is unknown; expected one of {tuple(LOSSES)}")
     if self.read not in READ_MODES:
@@ -51,3 +57,11 @@ class MemoryConfig:
         lambda w: jnp.broadcast_to(w.astype(dtype), (batch_size,) + w.shape), initial_weights)
     momentum = jax.tree.map(jnp.zeros_like, weights) if self.rule.has_momentum else None
     return MemoryState(weights, momentum)
+
+
+def accumulation_dtype(compute_dtype, state: MemoryState):
+  """The state's dtype: float32, or wider where the inputs or the given state are wider."""
+  acc = jnp.promote_types(compute_dtype, jnp.float32)
+  for leaf in jax.tree.leaves(state):
+    acc = jnp.promote_types(acc, leaf.dtype)
+  return acc

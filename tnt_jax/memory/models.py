@@ -69,7 +69,7 @@ class MemoryModel:
                        f"{tuple(ACTIVATIONS)}")
 
   def hidden_dim(self, head_dim: int) -> int:
-    return max(1, int(round(self.expansion * head_dim)))
+    return max(1, int(math.floor(self.expansion * head_dim + 0.5)))   # round half up
 
   def layer_shapes(self, head_dim: int) -> dict[str, tuple[int, int]]:
     """Ordered {layer name: (out, in)} of the dense layers."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.config import MemoryConfig, accumulation_dtype
 from tnt_jax.memory.losses import get_loss
 from tnt_jax.memory.models import plain_dense
 from tnt_jax.memory.rules import Gates, MemoryState, lact_update
@@ -101,7 +101,7 @@ def reference_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates
   Computes in float32 (float64 under x64) whatever the input dtype; returns outputs in the
   input dtype and the state in float32/float64.
   """
-  acc = jnp.promote_types(q_BxTxHxD.dtype, jnp.float32)
+  acc = accumulation_dtype(q_BxTxHxD.dtype, state)
   to_bhtd = lambda x: jnp.swapaxes(x, 1, 2).astype(acc)
   to_bht = lambda g: None if g is None else jnp.swapaxes(g, 1, 2).astype(acc)
   state = jax.tree.map(lambda x: x.astype(acc), state)

@@ -41,24 +41,28 @@ class MemoryState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class UpdateRule:
   kind: str = "titans"
-  momentum: bool = True   # lact only: carry m = beta m + g (beta = chunk mean of eta)
-  muon: bool = False      # lact only: orthogonalise the chunk update with Newton-Schulz
+  momentum: Optional[bool] = None  # lact only (default on): m = beta m + g, beta = chunk mean eta
+  muon: bool = False               # lact only: orthogonalise the chunk update with Newton-Schulz
   ns_steps: int = 5
 
   def __post_init__(self):
     if self.kind not in RULE_KINDS:
       raise ValueError(f"update rule kind={self.kind!r} is unknown; expected one of {RULE_KINDS}")
+    if self.kind != "lact" and (self.momentum is not None or self.muon):
+      raise ValueError(f"momentum={self.momentum!r} and muon={self.muon!r} are options of "
+                       f"rule='lact' only; rule={self.kind!r} fixes them (titans always carries "
+                       "momentum, gd never)")
     if self.ns_steps < 1:
       raise ValueError(f"ns_steps={self.ns_steps} must be >= 1")
 
   @property
   def has_momentum(self) -> bool:
-    return self.kind == "titans" or (self.kind == "lact" and self.momentum)
+    return self.kind == "titans" or (self.kind == "lact" and self.momentum is not False)
 
   def required_gates(self) -> tuple[str, ...]:
     if self.kind == "titans":
       return ("theta", "eta", "alpha")
-    if self.kind == "lact" and self.momentum:
+    if self.kind == "lact" and self.has_momentum:
       return ("theta", "eta")
     return ("theta",)
 

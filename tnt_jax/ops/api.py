@@ -58,11 +58,13 @@ def validate_memory_inputs(q, k, v, gates: Gates, state: MemoryState, slow: dict
     if name in needed and g is None:
       raise ValueError(f"rule={config.rule.kind!r} needs gate {name}; got None")
     if name not in needed and g is not None:
-      raise ValueError(f"rule={config.rule.kind!r} (momentum={config.rule.momentum}) does not "
-                       f"use gate {name}; pass None")
+      raise ValueError(f"rule={config.rule.kind!r} (momentum={config.rule.has_momentum}) does "
+                       f"not use gate {name}; pass None")
     if g is not None and tuple(g.shape) != gate_shape:
       raise ValueError(f"gate {name}.shape={_shape_of(g)} must be [batch, time, heads]="
                        f"{gate_shape}")
+    if g is not None and not jnp.issubdtype(g.dtype, jnp.floating):
+      raise ValueError(f"gate {name}.dtype={g.dtype} must be a floating type")
   shapes = config.model.layer_shapes(head_dim)
   if set(state.weights) != set(shapes):
     raise ValueError(f"state weights have layers {sorted(state.weights)}, but model "
@@ -79,8 +81,11 @@ def validate_memory_inputs(q, k, v, gates: Gates, state: MemoryState, slow: dict
     if state.momentum is None:
       raise ValueError(f"rule={config.rule.kind!r} carries momentum but state.momentum is None; "
                        "build the state with config.init_state")
-    if jax.tree.map(_shape_of, state.momentum) != jax.tree.map(_shape_of, state.weights):
-      raise ValueError("state.momentum must have the same shapes as state.weights")
+    momentum_shapes = jax.tree.map(_shape_of, state.momentum)
+    weight_shapes = jax.tree.map(_shape_of, state.weights)
+    if momentum_shapes != weight_shapes:
+      raise ValueError(f"state.momentum shapes {momentum_shapes} must equal state.weights "
+                       f"shapes {weight_shapes}")
   elif state.momentum is not None:
     raise ValueError(f"rule={config.rule.kind!r} has no momentum but state.momentum is set")
   want_slow = jax.tree.map(_shape_of, config.model.init_slow_params(heads, head_dim))
@@ -91,18 +96,19 @@ def validate_memory_inputs(q, k, v, gates: Gates, state: MemoryState, slow: dict
 
 def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
               state: MemoryState, slow: dict | None, config: MemoryConfig, *,
-              implementation: str = "xla", remat: bool = False, unroll: int = 1
+              implementation: str = "xla", remat: bool = False, unroll: int | None = None
               ) -> tuple[Array, MemoryState]:
   """Run a deep test-time memory over a sequence; returns (outputs [B,T,H,D], final state).
 
   remat: recompute each chunk's forward in the backward pass (less memory, ~1/3 more compute).
-  unroll: chunks per iteration of the scan over chunks (fewer loop trips for small chunks).
+  unroll: chunks per trip of the scan over chunks; None picks one (chunkwise.default_unroll).
   """
   slow = {} if slow is None else slow
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} is unknown; expected one of "
                      f"{IMPLEMENTATIONS}")
-  if not isinstance(unroll, int) or unroll < 1:
+  if unroll is not None and (not isinstance(unroll, int) or isinstance(unroll, bool)
+                             or unroll < 1):
     raise ValueError(f"unroll={unroll!r} must be an integer >= 1")
   validate_memory_inputs(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
   if implementation == "reference":

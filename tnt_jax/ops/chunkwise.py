@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.config import MemoryConfig, accumulation_dtype
 from tnt_jax.memory.losses import get_loss
 from tnt_jax.memory.rules import Gates, MemoryState, lact_update
 from tnt_jax.ops import transitions
@@ -50,6 +50,17 @@ def _to_chunks(x_BxTxHx_, num_chunks: int, chunk: int, fill=0.0) -> Array:
 def _from_chunks(x_NxBxHxCxD: Array, length: int) -> Array:
   n, b, h, c, d = x_NxBxHxCxD.shape
   return jnp.moveaxis(x_NxBxHxCxD, (0, 2), (1, 3)).reshape(b, n * c, h, d)[:, :length]
+
+
+FULL_UNROLL_MAX_CHUNKS = 16
+SMALL_CHUNK_UNROLL = 4
+
+
+def default_unroll(num_chunks: int) -> int:
+  """Measured on an H100 (docs/op_benchmark.md): unrolling a short scan over a few large chunks
+  fully is 2.5x faster at C=2048; over many small chunks, 4 steps per loop trip remove most of the
+  loop overhead and more does not help."""
+  return num_chunks if num_chunks <= FULL_UNROLL_MAX_CHUNKS else min(SMALL_CHUNK_UNROLL, num_chunks)
 
 
 class _ChunkMath:
@@ -115,13 +126,13 @@ def _combine(coef_w, w: dict, update: dict, coef_s=None, s=None) -> dict:
 
 def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
                      state: MemoryState, slow: dict, config: MemoryConfig, *,
-                     remat: bool = False, unroll: int = 1):
+                     remat: bool = False, unroll: int | None = None):
   """Chunkwise-parallel memory. Same contract as `reference_memory` (see ops/api.py)."""
   b, t, h, d = q_BxTxHxD.shape
   chunk, rule = config.chunk_size, config.rule
   num_chunks = -(-t // chunk)
   cd = q_BxTxHxD.dtype
-  acc = jnp.promote_types(cd, jnp.float32)
+  acc = accumulation_dtype(cd, state)
   math = _ChunkMath(config, slow, cd, acc)
 
   q_c, k_c, v_c = (_to_chunks(x, num_chunks, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
@@ -181,6 +192,7 @@ def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates
 
   if remat:
     step = jax.checkpoint(step)
+  unroll = default_unroll(num_chunks) if unroll is None else min(unroll, num_chunks)
   (w_final, s_final), out_N = jax.lax.scan(step, (weights0, momentum0), xs, unroll=unroll)
   out = _from_chunks(out_N, t).astype(q_BxTxHxD.dtype)
   return out, MemoryState(w_final, s_final)

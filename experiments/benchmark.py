@@ -1,0 +1,233 @@
+r"""Speed of tnt_jax's ops, variants side by side in one process.
+
+    python -m experiments.benchmark --mode=op                        # the H100 table in docs/
+    python -m experiments.benchmark --mode=op --lengths=2048 --chunks=8,64 --models=mlp  # CPU
+
+For each variant it prints tokens/s, step time (median of --reps timed runs after --warmup),
+TFLOP/s from the analytic FLOP count (tnt_jax/ops/flops.py), MFU against the bf16 matmul peak
+measured in the same process, and XLA's memory estimate (arguments + outputs + temporaries).
+Results are appended as JSON lines to --out; --plot draws docs-ready figures from such a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
+from tnt_jax.ops import flops
+from tnt_jax.ops.api import memory_op
+
+flags.DEFINE_enum("mode", "op", ["op"], "what to measure")
+flags.DEFINE_list("models", ["mlp", "linear"], "memory models")
+flags.DEFINE_list("chunks", ["8", "16", "64", "256", "2048"], "chunk sizes")
+flags.DEFINE_list("reads", ["cumulative", "chunk_start"], "read modes")
+flags.DEFINE_integer("max_cumulative_chunk", 256,
+                     "cumulative reads only up to this chunk (C x C coefficients per chunk)")
+flags.DEFINE_integer("min_chunk_start_chunk", 64, "chunk-start reads only from this chunk up")
+flags.DEFINE_list("lengths", ["8192", "32768"], "sequence lengths T")
+flags.DEFINE_string("rule", "titans", "update rule: gd | titans")
+flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("heads", 12, "heads")
+flags.DEFINE_integer("head_dim", 64, "head dimension")
+flags.DEFINE_float("expansion", 4.0, "mlp hidden = expansion * head_dim")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype of q, k, v")
+flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd")
+flags.DEFINE_list("unrolls", ["auto"], "scan unroll factors to compare ('auto': the op's default)")
+flags.DEFINE_bool("remat", False, "rematerialise chunk steps in the backward pass")
+flags.DEFINE_bool("attention", True, "add causal dot-product attention (cuDNN on GPU) rows")
+flags.DEFINE_integer("warmup", 2, "untimed runs after compilation")
+flags.DEFINE_integer("reps", 5, "timed runs (median reported)")
+flags.DEFINE_string("out", "", "append results as JSON lines here")
+flags.DEFINE_string("plot", "", "instead of measuring: draw PNG figures from this JSONL file")
+flags.DEFINE_string("plot_prefix", "docs/op_benchmark", "figure path prefix for --plot")
+FLAGS = flags.FLAGS
+
+
+def median_seconds(fn, args, warmup: int, reps: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measured_matmul_peak(dtype=jnp.bfloat16) -> float:
+  """FLOP/s of a large square matmul on this device (the MFU denominator)."""
+  n = 8192 if jax.default_backend() == "gpu" else 1024
+  a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in range(2))
+  mm = jax.jit(lambda a, b: a @ b)
+  return 2 * n**3 / median_seconds(mm, (a, b), warmup=3, reps=10)
+
+
+def memory_bytes(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+    return float(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+  except Exception:  # not every backend reports it
+    return None
+
+
+def op_inputs(config: MemoryConfig, batch, length, heads, head_dim, dtype):
+  keys = jax.random.split(jax.random.key(0), 8)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  shape = (batch, length, heads, head_dim)
+  q = unit(jax.random.normal(keys[0], shape)).astype(dtype)
+  k = unit(jax.random.normal(keys[1], shape)).astype(dtype)
+  v = jax.random.normal(keys[2], shape).astype(dtype)
+  gate = lambda key, s: s * jax.nn.sigmoid(jax.random.normal(key, (batch, length, heads)))
+  needed = config.rule.required_gates()
+  gates = Gates(gate(keys[3], 0.1), gate(keys[4], 1.0) if "eta" in needed else None,
+                gate(keys[5], 0.01) if "alpha" in needed else None)
+  weights = config.model.init_fast_weights(keys[6], heads, head_dim)
+  return (q, k, v, gates, config.init_state(weights, batch),
+          config.model.init_slow_params(heads, head_dim))
+
+
+def timed_variant(fn, args, flop_count, peak, row):
+  compiled = jax.jit(fn).lower(*args).compile()
+  seconds = median_seconds(compiled, args, FLAGS.warmup, FLAGS.reps)
+  tokens = row["batch"] * row["length"]
+  row.update(seconds=seconds, tokens_per_s=tokens / seconds, tflops=flop_count / seconds / 1e12,
+             mfu=flop_count / seconds / peak, memory_gb=(memory_bytes(compiled) or 0) / 1e9)
+  return row
+
+
+def op_variants():
+  dtype = jnp.dtype(FLAGS.dtype)
+  for length in map(int, FLAGS.lengths):
+    for model_name in FLAGS.models:
+      for read in FLAGS.reads:
+        for chunk in map(int, FLAGS.chunks):
+          if read == "cumulative" and chunk > FLAGS.max_cumulative_chunk:
+            continue
+          if read == "chunk_start" and chunk < FLAGS.min_chunk_start_chunk:
+            continue
+          for unroll in FLAGS.unrolls:
+            unroll = None if unroll == "auto" else int(unroll)
+            model = MemoryModel(model_name, expansion=FLAGS.expansion)
+            config = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", read, chunk)
+            yield length, model_name, read, chunk, unroll, config, dtype
+    if FLAGS.attention:
+      yield length, "attention", "causal", 0, None, None, dtype
+
+
+def run_op_mode(peak):
+  b, h, d = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+  for length, model_name, read, chunk, unroll, config, dtype in op_variants():
+    for pass_name in FLAGS.passes:
+      backward = pass_name == "fwd+bwd"
+      row = dict(mode="op", device=jax.devices()[0].device_kind, model=model_name, read=read,
+                 rule=FLAGS.rule if config else "", chunk=chunk, length=length,
+                 unroll="auto" if unroll is None else unroll,
+                 batch=b, heads=h, head_dim=d, dtype=str(dtype), passes=pass_name,
+                 remat=FLAGS.remat)
+      if config is None:
+        args, fn = _attention_case(b, length, h, d, dtype, backward)
+        count = flops.causal_attention_flops(b, length, h, d, backward)
+      else:
+        args = op_inputs(config, b, length, h, d, dtype)
+        fn = _op_case(config, unroll, backward)
+        count = flops.memory_op_flops(config, b, length, h, d, backward)
+      try:
+        yield timed_variant(fn, args, count, peak, row)
+      except Exception as e:  # one failing variant (e.g. out of memory) must not end the run
+        yield dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def _op_case(config, unroll, backward):
+  def forward(q, k, v, gates, state, slow):
+    return memory_op(q, k, v, gates, state, slow, config, remat=FLAGS.remat, unroll=unroll)
+
+  if not backward:
+    return forward
+
+  def loss(q, k, v, gates, state, slow):
+    out, final = forward(q, k, v, gates, state, slow)
+    return jnp.mean(out.astype(jnp.float32) ** 2) + sum(
+        jnp.mean(x) for x in jax.tree.leaves(final))
+
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def _attention_case(b, length, h, d, dtype, backward):
+  keys = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(key, (b, length, h, d), dtype) for key in keys)
+  impl = "cudnn" if jax.default_backend() == "gpu" else None
+
+  def forward(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+  if not backward:
+    return (q, k, v), forward
+  grad = jax.grad(lambda q, k, v: jnp.mean(forward(q, k, v).astype(jnp.float32) ** 2),
+                  argnums=(0, 1, 2))
+  return (q, k, v), grad
+
+
+def format_row(r) -> str:
+  name = (f"{r['model']:9s} {r['rule'] or '-':6s} {r['read']:11s} C={r['chunk']:<5d} "
+          f"u={r['unroll']:<4} T={r['length']:<6d}")
+  if "error" in r:
+    return f"{name} {r['passes']:8s} FAILED {r['error']}"
+  return (f"{name} {r['passes']:8s} {r['tokens_per_s'] / 1e3:10.1f}K tok/s "
+          f"{r['seconds'] * 1e3:9.2f} ms {r['tflops']:8.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}% "
+          f" mem {r['memory_gb']:6.2f} GB")
+
+
+def plot(path: str, prefix: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(line) for line in open(path) if line.strip()]
+  rows = [r for r in rows if "error" not in r and r["mode"] == "op"]
+  for pass_name in sorted({r["passes"] for r in rows}):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = sorted({(r["model"], r["read"], r["length"]) for r in rows
+                     if r["passes"] == pass_name and r["model"] != "attention"})
+    for model, read, length in series:
+      pts = sorted((r["chunk"], r["tokens_per_s"]) for r in rows
+                   if (r["model"], r["read"], r["length"], r["passes"]) ==
+                   (model, read, length, pass_name) and r["unroll"] == "auto")
+      ax.plot(*zip(*pts), marker="o", label=f"{model} {read} T={length}")
+    for r in rows:
+      if r["model"] == "attention" and r["passes"] == pass_name:
+        ax.axhline(r["tokens_per_s"], ls="--", lw=1, color="gray")
+        ax.text(8, r["tokens_per_s"] * 1.05, f"cuDNN attention T={r['length']}", fontsize=7)
+    ax.set(xscale="log", yscale="log", xlabel="chunk size C", ylabel="tokens/s",
+           title=f"memory op, {pass_name}, {rows[0]['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = f"{prefix}_{pass_name.replace('+', '_')}.png"
+    fig.savefig(out, dpi=120)
+    print("wrote", out)
+
+
+def main(argv):
+  del argv
+  if FLAGS.plot:
+    plot(FLAGS.plot, FLAGS.plot_prefix)
+    return
+  peak = measured_matmul_peak()
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+        f"; measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
+  sink = open(FLAGS.out, "a") if FLAGS.out else None
+  for row in run_op_mode(peak):
+    print(format_row(row), flush=True)
+    if sink:
+      sink.write(json.dumps(dict(row, peak_tflops=peak / 1e12)) + "\n")
+      sink.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
