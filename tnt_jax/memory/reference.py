@@ -38,14 +38,35 @@ def _add(a, b):
 
 
 def reference_single_head(q_TxD, k_TxD, v_TxD, theta_T, eta_T, alpha_T, weights, momentum,
-                          slow, config: MemoryConfig):
-  """One head, one sequence. Returns (o_TxD, (weights, momentum))."""
+                          slow, config: MemoryConfig, shard_length=None, qk_projection=False):
+  """One head, one sequence. Returns (o_TxD, (weights, momentum)).
+
+  TNT local memories (SPEC §2): with `shard_length`, the state (and momentum) is reset to the
+  given initial one at every t with t % shard_length == 0; with `qk_projection`, reads use
+  P_t q_t with P_t = sum over the shard so far of k k^T / ||k||^2.
+  """
   model, rule, chunk = config.model, config.rule, config.chunk_size
   loss = get_loss(config.loss)
   num_tokens = q_TxD.shape[0]
+  init_w, init_m = weights, momentum
+  head_dim = q_TxD.shape[-1]
 
   def f(w, x):
     return model.apply(plain_dense(w), slow, x)
+
+  def shard_start(t, w, m, proj):
+    """Reset at the start of each local shard (no-op for a global memory)."""
+    if shard_length is None:
+      return w, m, proj
+    reset = t % shard_length == 0
+    return (_tree_where(reset, init_w, w), _tree_where(reset, init_m, m),
+            jnp.where(reset, jnp.zeros_like(proj), proj))
+
+  def query(proj, q_t, k_t):
+    if not qk_projection:
+      return q_t, proj
+    proj = proj + jnp.outer(k_t, k_t) / jnp.sum(k_t * k_t)
+    return proj @ q_t, proj
 
   def token_grad(w, k_t, v_t):
     return jax.grad(lambda w_: loss(f(w_, k_t), v_t))(w)
@@ -53,8 +74,10 @@ def reference_single_head(q_TxD, k_TxD, v_TxD, theta_T, eta_T, alpha_T, weights,
   steps = jnp.arange(num_tokens)
   if rule.kind in ("gd", "titans"):
     def step(carry, inputs):
-      w, s, w_chunk_start = carry
+      w, s, w_chunk_start, proj = carry
       t, q_t, k_t, v_t, theta_t, eta_t, alpha_t = inputs
+      w, s, proj = shard_start(t, w, s, proj)
+      q_t, proj = query(proj, q_t, k_t)
       w_chunk_start = _tree_where(t % chunk == 0, w, w_chunk_start)
       u = token_grad(w_chunk_start, k_t, v_t)
       if rule.kind == "titans":
@@ -63,18 +86,21 @@ def reference_single_head(q_TxD, k_TxD, v_TxD, theta_T, eta_T, alpha_T, weights,
       else:
         w = _add(w, _scale(u, -theta_t))
       read_w = w if config.read == "cumulative" else w_chunk_start
-      return (w, s, w_chunk_start), f(read_w, q_t)
+      return (w, s, w_chunk_start, proj), f(read_w, q_t)
 
     zeros = jnp.zeros_like(theta_T)
     inputs = (steps, q_TxD, k_TxD, v_TxD, theta_T,
               zeros if eta_T is None else eta_T, zeros if alpha_T is None else alpha_T)
-    (w, s, _), o = jax.lax.scan(step, (weights, momentum, weights), inputs)
+    proj0 = jnp.zeros((head_dim, head_dim), q_TxD.dtype)
+    (w, s, _, _), o = jax.lax.scan(step, (weights, momentum, weights, proj0), inputs)
     return o, (w, s)
 
   # lact: accumulate the chunk's gradient at the chunk-start state, update after its last token.
   def step(carry, inputs):
-    w, m, g, eta_sum, count = carry
+    w, m, g, eta_sum, count, proj = carry
     t, q_t, k_t, v_t, theta_t, eta_t = inputs
+    w, m, proj = shard_start(t, w, m, proj)   # shards end on chunk ends: g is already zero
+    q_t, proj = query(proj, q_t, k_t)
     o_t = f(w, q_t)
     g = _add(g, _scale(token_grad(w, k_t, v_t), theta_t))
     eta_sum, count = eta_sum + eta_t, count + 1
@@ -84,18 +110,20 @@ def reference_single_head(q_TxD, k_TxD, v_TxD, theta_T, eta_T, alpha_T, weights,
     m = _tree_where(last, m_new, m)
     g = _tree_where(last, jax.tree.map(jnp.zeros_like, g), g)
     eta_sum, count = jnp.where(last, 0.0, eta_sum), jnp.where(last, 0, count)
-    return (w, m, g, eta_sum, count), o_t
+    return (w, m, g, eta_sum, count, proj), o_t
 
   eta_in = jnp.zeros_like(theta_T) if eta_T is None else eta_T
   carry0 = (weights, momentum, jax.tree.map(jnp.zeros_like, weights),
-            jnp.zeros((), theta_T.dtype), jnp.zeros((), jnp.int32))
-  (w, m, _, _, _), o = jax.lax.scan(
+            jnp.zeros((), theta_T.dtype), jnp.zeros((), jnp.int32),
+            jnp.zeros((head_dim, head_dim), q_TxD.dtype))
+  (w, m, _, _, _, _), o = jax.lax.scan(
       step, carry0, (steps, q_TxD, k_TxD, v_TxD, theta_T, eta_in))
   return o, (w, m)
 
 
 def reference_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
-                     state: MemoryState, slow: dict, config: MemoryConfig):
+                     state: MemoryState, slow: dict, config: MemoryConfig, *,
+                     shard_length=None, qk_projection=False):
   """Batched reference. State leaves are [B, H, ...]; slow leaves [H, ...]; gates [B, T, H].
 
   Computes in float32 (float64 under x64) whatever the input dtype; returns outputs in the
@@ -108,7 +136,8 @@ def reference_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates
   slow = jax.tree.map(lambda x: x.astype(acc), slow)
 
   def per_head(q, k, v, th, et, al, w, m, sl):
-    return reference_single_head(q, k, v, th, et, al, w, m, sl, config)
+    return reference_single_head(q, k, v, th, et, al, w, m, sl, config, shard_length,
+                                 qk_projection)
 
   # Gates that are None stay None through vmap (in_axes None for them).
   eta, alpha = to_bht(gates.eta), to_bht(gates.alpha)
