@@ -1,0 +1,255 @@
+"""Frozen configs of the memory layers, one per layer kind, and their presets.
+
+Every kind describes the same layer (tnt_jax/layers/memory_layer.py): q/k/v projections, a
+causal depthwise conv, SiLU, L2-normalised q and k, per-memory gate projections, the memory op,
+a per-head output RMSNorm, an output gate and an output projection. Kinds differ only in the
+memories they run, which each kind compiles to one `TNTConfig` (`memory_config()`): a global
+memory plus zero or more local memories. Titans, TTT and LaCT are the no-local case.
+
+    config = TNTLayerConfig(d_model=768, num_heads=12, global_chunk=2048, local_chunks=(8,))
+    config = preset("titans", d_model=768, num_heads=12, chunk_size=64)
+
+Lengths: a layer accepts any length T >= 1. The last global chunk, local chunk and local shard of
+a sequence may be shorter; outputs at t never depend on tokens after t, so running a prefix gives
+the prefix of the outputs. Chunks and shards are counted from the first token of each call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.models import MemoryModel
+from tnt_jax.memory.rules import UpdateRule
+from tnt_jax.ops.api import IMPLEMENTATIONS
+from tnt_jax.ops.tnt import LocalMemory, TNTConfig
+
+TITANS_MEMORY = MemoryModel(kind="mlp", depth=2, expansion=4.0, activation="gelu")
+
+
+def _positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryLayerConfig:
+  """What every memory layer kind shares.
+
+  head_dim: per-head size of q, k, v and the memory; default d_model // num_heads (which must
+    then divide exactly).
+  max_lr: theta = max_lr * sigmoid(x W + b), the inner learning rate's ceiling.
+  theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at max_lr*sigmoid(0)).
+  implementation: the memory op's ("xla" chunkwise, or "reference" token loop for tests).
+  remat: recompute each memory chunk in the backward pass (less memory, more compute).
+  """
+
+  kind: ClassVar[str] = ""
+  d_model: int
+  num_heads: int
+  head_dim: int | None = None
+  conv_width: int = 4
+  max_lr: float = 1.0
+  theta_bias: float = 0.0
+  eta_bias: float = 2.0
+  alpha_bias: float = -5.0
+  implementation: str = "xla"
+  remat: bool = False
+
+  def __post_init__(self):
+    _positive_int("d_model", self.d_model)
+    _positive_int("num_heads", self.num_heads)
+    _positive_int("conv_width", self.conv_width)
+    if self.head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(f"d_model={self.d_model} is not a multiple of num_heads="
+                         f"{self.num_heads}; pass head_dim explicitly or change one of them")
+      object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+    _positive_int("head_dim", self.head_dim)
+    if not self.max_lr > 0 or not math.isfinite(self.max_lr):
+      raise ValueError(f"max_lr={self.max_lr!r} must be a finite number > 0")
+    if self.implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"implementation={self.implementation!r} is unknown; expected one of "
+                       f"{IMPLEMENTATIONS}")
+    self.memory_config()   # every kind validates its memories here, before anything is traced
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_heads * self.head_dim
+
+  def memory_config(self) -> TNTConfig:
+    raise NotImplementedError
+
+  def param_count(self) -> int:
+    """Trainable parameters of the layer (what `nnx.state(layer, nnx.Param)` holds)."""
+    d, inner, h, hd = self.d_model, self.inner_dim, self.num_heads, self.head_dim
+    count = 3 * d * inner                 # q, k, v projections
+    count += 3 * self.conv_width * inner  # their depthwise convolutions
+    count += inner                        # output RMSNorm scale
+    count += 2 * d * inner                # output gate and output projection
+    tnt = self.memory_config()
+    memories = [tnt.global_memory] + [local.memory for local in tnt.local_memories]
+    for memory in memories:
+      count += (d + 1) * h * len(memory.rule.required_gates())   # gate projection + bias
+      for out_dim, in_dim in memory.model.layer_shapes(hd).values():
+        count += h * out_dim * (in_dim + int(memory.model.bias))   # learned W_init (+ b)
+      count += 2 * h * hd if memory.model.residual_norm else 0    # LayerNorm scale/offset
+    return count
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TitansLayerConfig(MemoryLayerConfig):
+  """Titans' neural long-term memory (LMM): one deep memory, momentum and forgetting."""
+
+  kind: ClassVar[str] = "titans"
+  chunk_size: int = 16
+  model: MemoryModel = TITANS_MEMORY
+  loss: str = "l2"
+  read: str = "cumulative"
+  max_lr: float = 0.1
+
+  def memory_config(self) -> TNTConfig:
+    return TNTConfig(MemoryConfig(self.model, UpdateRule("titans"), self.loss, self.read,
+                                  self.chunk_size))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TTTLayerConfig(MemoryLayerConfig):
+  """TTT-Linear / TTT-MLP: mini-batch gradient descent on x + LN(f(x)), no momentum or decay.
+
+  chunk_size is TTT's mini-batch size b.
+  """
+
+  kind: ClassVar[str] = "ttt"
+  model_kind: str = "linear"
+  chunk_size: int = 16
+  expansion: float = 4.0
+
+  def __post_init__(self):
+    if self.model_kind not in ("linear", "mlp"):
+      raise ValueError(f"TTT model_kind={self.model_kind!r} must be 'linear' or 'mlp'")
+    super().__post_init__()
+
+  def memory_config(self) -> TNTConfig:
+    model = MemoryModel(kind=self.model_kind, depth=2, expansion=self.expansion,
+                        activation="gelu", residual_norm=True, bias=True)
+    return TNTConfig(MemoryConfig(model, UpdateRule("gd"), "l2", "cumulative", self.chunk_size))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaCTLayerConfig(MemoryLayerConfig):
+  """LaCT's large-chunk memory: SwiGLU fast weights, read at chunk start, one update per chunk
+  (dot-product loss, optional momentum, Muon, row-norm restoring L2 normalisation)."""
+
+  kind: ClassVar[str] = "lact"
+  chunk_size: int = 2048
+  expansion: float = 1.0
+  loss: str = "dot"
+  momentum: bool = False
+  muon: bool = True
+
+  def memory_config(self) -> TNTConfig:
+    model = MemoryModel(kind="swiglu", expansion=self.expansion)
+    rule = UpdateRule("lact", momentum=self.momentum, muon=self.muon)
+    return TNTConfig(MemoryConfig(model, rule, self.loss, "chunk_start", self.chunk_size))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TNTLayerConfig(MemoryLayerConfig):
+  """TNT: a global memory over large chunks read at chunk start, plus N >= 1 local memories
+  over small chunks that reset to a learned state every shard (SPEC §2).
+
+  local_chunks[i] is C_L of local i; shard_lengths is one S_L for all, or one per local. Every
+  memory uses `global_model` / `local_model` and `rule`. For locals of different models, build
+  the memories yourself: `TNTLayerConfig.from_memories(...)`.
+  Rules checked here: at least one local; each S_L a multiple of its C_L; C_G and each S_L
+  nested (one divides the other) so global chunks and shards share boundaries, which streaming
+  and context-parallel slicing rely on.
+  """
+
+  kind: ClassVar[str] = "tnt"
+  global_chunk: int = 2048
+  local_chunks: tuple[int, ...] = (8,)
+  shard_lengths: int | tuple[int, ...] = 2048
+  global_model: MemoryModel = TITANS_MEMORY
+  local_model: MemoryModel = TITANS_MEMORY
+  rule: UpdateRule = UpdateRule("titans")
+  loss: str = "l2"
+  qk_projection: bool = True
+  max_lr: float = 0.1
+  memories: TNTConfig | None = None   # set by from_memories; overrides the fields above
+
+  def __post_init__(self):
+    object.__setattr__(self, "local_chunks", tuple(self.local_chunks))
+    if isinstance(self.shard_lengths, (list, tuple)):
+      object.__setattr__(self, "shard_lengths", tuple(self.shard_lengths))
+    super().__post_init__()
+
+  @classmethod
+  def from_memories(cls, memories: TNTConfig, **layer_fields) -> "TNTLayerConfig":
+    return cls(memories=memories, **layer_fields)
+
+  def memory_config(self) -> TNTConfig:
+    tnt = self.memories if self.memories is not None else self._build_memories()
+    if not tnt.local_memories:
+      raise ValueError("a TNT layer needs at least one local memory (local_chunks is empty); "
+                       "for a single memory use TitansLayerConfig")
+    global_chunk = tnt.global_memory.chunk_size
+    for i, local in enumerate(tnt.local_memories):
+      s = local.shard_length
+      if s % global_chunk and global_chunk % s:
+        raise ValueError(f"global chunk C_G={global_chunk} and local {i}'s shard length "
+                         f"S_L={s} must be nested (one a multiple of the other)")
+    return tnt
+
+  def _build_memories(self) -> TNTConfig:
+    _positive_int("global_chunk", self.global_chunk)
+    shards = self.shard_lengths
+    if isinstance(shards, tuple):
+      if len(shards) != len(self.local_chunks):
+        raise ValueError(f"shard_lengths={shards} must give one S_L per local chunk "
+                         f"{self.local_chunks}, or be one integer")
+    else:
+      shards = (shards,) * len(self.local_chunks)
+    for chunk in self.local_chunks:
+      _positive_int("local chunk", chunk)
+    global_memory = MemoryConfig(self.global_model, self.rule, self.loss, "chunk_start",
+                                 self.global_chunk)
+    locals_ = tuple(
+        LocalMemory(MemoryConfig(self.local_model, self.rule, self.loss, "cumulative", chunk),
+                    shard)
+        for chunk, shard in zip(self.local_chunks, shards))
+    return TNTConfig(global_memory, locals_, self.qk_projection)
+
+  def with_local_chunks(self, local_chunks: tuple[int, ...]) -> "TNTLayerConfig":
+    """The same layer with other local chunk sizes (TNT stage 2: e.g. {8} -> {1})."""
+    local_chunks = tuple(local_chunks)
+    if self.memories is None:
+      return dataclasses.replace(self, local_chunks=local_chunks)
+    locals_ = self.memories.local_memories
+    if len(local_chunks) != len(locals_):
+      raise ValueError(f"local_chunks={local_chunks} must give one chunk per local memory "
+                       f"({len(locals_)})")
+    new_locals = tuple(
+        LocalMemory(dataclasses.replace(local.memory, chunk_size=chunk), local.shard_length)
+        for local, chunk in zip(locals_, local_chunks))
+    return dataclasses.replace(self, memories=dataclasses.replace(self.memories,
+                                                                  local_memories=new_locals))
+
+
+PRESETS = {
+    "titans": lambda **kw: TitansLayerConfig(**kw),
+    "ttt_linear": lambda **kw: TTTLayerConfig(**{"model_kind": "linear", "max_lr": 1.0, **kw}),
+    "ttt_mlp": lambda **kw: TTTLayerConfig(**{"model_kind": "mlp", "max_lr": 0.1, **kw}),
+    "lact": lambda **kw: LaCTLayerConfig(**kw),
+    "tnt": lambda **kw: TNTLayerConfig(**kw),
+}
+
+
+def preset(name: str, **fields) -> MemoryLayerConfig:
+  """A layer config by preset name; `fields` (d_model, num_heads, ...) override its defaults."""
+  if name not in PRESETS:
+    raise ValueError(f"layer preset={name!r} is unknown; expected one of {tuple(PRESETS)}")
+  return PRESETS[name](**fields)

@@ -1,0 +1,121 @@
+"""The memory layer: the token mixer of Titans, TTT, LaCT and TNT models (nnx).
+
+    x [B, T, d_model]
+      -> q, k, v = SiLU(CausalConv(x W_{q,k,v}))       per head; q, k then L2-normalised
+      -> per memory m: theta = max_lr * sigmoid(x W_theta + b), eta, alpha = sigmoid(...)
+      -> o = tnt_op(q, k, v, gates, ...)                 global memory + sum of local memories
+      -> HeadRMSNorm(o) * SiLU(x W_gate) -> W_out        [B, T, d_model]
+
+The conv comes before the SiLU (as in Mamba and Titans' code) so the SiLU sees the mixed
+features. Parameters are float32; the layer computes in `dtype` (e.g. bfloat16) while the memory
+state and its accumulations stay float32 inside the op. Which memories run is the config's
+`memory_config()` (a TNTConfig); the learned initial fast weights W_init of every memory are
+parameters of this layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tnt_jax.layers.configs import MemoryLayerConfig
+from tnt_jax.layers.conv import CausalDepthwiseConv
+from tnt_jax.layers.norms import HeadRMSNorm, l2_normalize
+from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.rules import Gates
+from tnt_jax.ops.tnt import tnt_op
+
+Array = jax.Array
+GATE_ORDER = ("theta", "eta", "alpha")
+
+
+class MemoryParams(nnx.Module):
+  """One memory's outer parameters: its gate projection, learned W_init and slow params."""
+
+  def __init__(self, memory: MemoryConfig, config: MemoryLayerConfig, *, rngs: nnx.Rngs,
+               dtype, param_dtype):
+    h, hd = config.num_heads, config.head_dim
+    self.gate_names = memory.rule.required_gates()
+    self.num_heads = h
+    self.max_lr = config.max_lr
+    biases = {"theta": config.theta_bias, "eta": config.eta_bias, "alpha": config.alpha_bias}
+    self.gate_proj = nnx.Linear(
+        config.d_model, h * len(self.gate_names), use_bias=True, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs,
+        bias_init=lambda key, shape, dt: jnp.repeat(
+            jnp.asarray([biases[n] for n in self.gate_names], dt), h))
+    init = memory.model.init_fast_weights(rngs.params(), h, hd, param_dtype)
+    self.initial_weights = nnx.data(jax.tree.map(nnx.Param, init))
+    self.slow = nnx.data(jax.tree.map(nnx.Param, memory.model.init_slow_params(h, hd,
+                                                                                param_dtype)))
+
+  def gates(self, x_BxTxD: Array) -> Gates:
+    b, t, _ = x_BxTxD.shape
+    logits = self.gate_proj(x_BxTxD).astype(jnp.float32)
+    logits = logits.reshape(b, t, len(self.gate_names), self.num_heads)
+    values = {n: jax.nn.sigmoid(logits[:, :, i]) for i, n in enumerate(self.gate_names)}
+    values["theta"] = self.max_lr * values["theta"]
+    return Gates(*(values.get(n) for n in GATE_ORDER))
+
+  def weights(self) -> dict:
+    return jax.tree.map(lambda p: p[...], self.initial_weights,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  def slow_params(self) -> dict:
+    return jax.tree.map(lambda p: p[...], self.slow,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class MemoryLayer(nnx.Module):
+  """A deep test-time memory token mixer; `config` is any MemoryLayerConfig kind."""
+
+  def __init__(self, config: MemoryLayerConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.config = config
+    self.tnt = config.memory_config()
+    self.dtype = dtype
+    d, inner = config.d_model, config.inner_dim
+    linear = lambda out_dim: nnx.Linear(d, out_dim, use_bias=False, dtype=dtype,
+                                        param_dtype=param_dtype, rngs=rngs)
+    conv = lambda: CausalDepthwiseConv(inner, config.conv_width, rngs=rngs,
+                                       param_dtype=param_dtype)
+    self.q_proj, self.k_proj, self.v_proj = linear(inner), linear(inner), linear(inner)
+    self.q_conv, self.k_conv, self.v_conv = conv(), conv(), conv()
+    memories = [self.tnt.global_memory] + [m.memory for m in self.tnt.local_memories]
+    self.memories = nnx.List([MemoryParams(m, config, rngs=rngs, dtype=dtype,
+                                           param_dtype=param_dtype) for m in memories])
+    self.out_norm = HeadRMSNorm(config.num_heads, config.head_dim, param_dtype=param_dtype)
+    self.gate_proj = linear(inner)
+    self.out_proj = nnx.Linear(inner, d, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+
+  def qkv(self, x_BxTxD: Array) -> tuple[Array, Array, Array]:
+    b, t, _ = x_BxTxD.shape
+    heads = lambda y: y.reshape(b, t, self.config.num_heads, self.config.head_dim)
+    mix = lambda proj, conv: heads(jax.nn.silu(conv(proj(x_BxTxD))))
+    q = l2_normalize(mix(self.q_proj, self.q_conv))
+    k = l2_normalize(mix(self.k_proj, self.k_conv))
+    v = mix(self.v_proj, self.v_conv)
+    return q, k, v
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.config.d_model:
+      raise ValueError(f"memory layer input must be [batch, time, d_model="
+                       f"{self.config.d_model}], got shape {tuple(x_BxTxD.shape)}")
+    x = x_BxTxD.astype(self.dtype)
+    b, t, _ = x.shape
+    q, k, v = self.qkv(x)
+    gates = [m.gates(x) for m in self.memories]
+    weights = [m.weights() for m in self.memories]
+    slows = [m.slow_params() for m in self.memories]
+    global_state = self.tnt.global_memory.init_state(weights[0], b)
+    o_BxTxHxD, _ = tnt_op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
+                          implementation=self.config.implementation, remat=self.config.remat)
+    o = self.out_norm(o_BxTxHxD.astype(self.dtype)).reshape(b, t, self.config.inner_dim)
+    return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
+
+
+def count_params(module: nnx.Module) -> int:
+  """Number of trainable scalars (nnx.Param) in a module."""
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
