@@ -2,6 +2,12 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
 
     python -m experiments.benchmark --mode=op                        # the H100 table in docs/
     python -m experiments.benchmark --mode=op --lengths=2048 --chunks=8,64 --models=mlp  # CPU
+    python -m experiments.benchmark --mode=layer --lengths=2048,8192,32768 --chunks=8,16,64,128
+
+Layer mode times a whole memory layer (projections, conv, gates, memories, output) for TNT
+(global C_G = --global_chunk, one local of chunk C, shards of --shard_length) against Titans
+(one memory of chunk C), and a causal-attention layer with the same projections, at a fixed
+--tokens per step (batch = tokens / T).
 
 For each variant it prints tokens/s, step time (median of --reps timed runs after --warmup),
 TFLOP/s from the analytic FLOP count (tnt_jax/ops/flops.py), MFU against the bf16 matmul peak
@@ -20,11 +26,20 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
+from tnt_jax.layers import MemoryLayer, TitansLayerConfig, TNTLayerConfig
+from tnt_jax.layers.flops import memory_layer_flops
 from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops import flops
 from tnt_jax.ops.api import memory_op
 
-flags.DEFINE_enum("mode", "op", ["op"], "what to measure")
+flags.DEFINE_enum("mode", "op", ["op", "layer"], "what to measure")
+flags.DEFINE_list("kinds", ["tnt", "titans"], "layer mode: layer kinds")
+flags.DEFINE_integer("d_model", 768, "layer mode: model width")
+flags.DEFINE_integer("tokens", 32768, "layer mode: tokens per step (batch = tokens / length)")
+flags.DEFINE_integer("global_chunk", 2048, "layer mode: TNT's C_G")
+flags.DEFINE_integer("shard_length", 2048, "layer mode: TNT's S_L")
 flags.DEFINE_list("models", ["mlp", "linear"], "memory models")
 flags.DEFINE_list("chunks", ["8", "16", "64", "256", "2048"], "chunk sizes")
 flags.DEFINE_list("reads", ["cumulative", "chunk_start"], "read modes")
@@ -174,6 +189,80 @@ def _attention_case(b, length, h, d, dtype, backward):
   return (q, k, v), grad
 
 
+def layer_config(kind: str, chunk: int, length: int):
+  common = dict(d_model=FLAGS.d_model, num_heads=FLAGS.heads, head_dim=FLAGS.head_dim,
+                remat=FLAGS.remat)
+  if kind == "titans":
+    return TitansLayerConfig(chunk_size=chunk, **common)
+  shard = min(FLAGS.shard_length, length)
+  return TNTLayerConfig(global_chunk=min(FLAGS.global_chunk, length), local_chunks=(chunk,),
+                        shard_lengths=shard, **common)
+
+
+def run_layer_mode(peak):
+  dtype = jnp.dtype(FLAGS.dtype)
+  for length in map(int, FLAGS.lengths):
+    batch = max(1, FLAGS.tokens // length)
+    x = jax.random.normal(jax.random.key(0), (batch, length, FLAGS.d_model), dtype)
+    cases = [(kind, int(c)) for kind in FLAGS.kinds for c in FLAGS.chunks]
+    if FLAGS.attention:
+      cases.append(("attention", 0))
+    for kind, chunk in cases:
+      for pass_name in FLAGS.passes:
+        backward = pass_name == "fwd+bwd"
+        row = dict(mode="layer", device=jax.devices()[0].device_kind, model=kind, read="",
+                   rule="", chunk=chunk, length=length, unroll="auto", batch=batch,
+                   heads=FLAGS.heads, head_dim=FLAGS.head_dim, d_model=FLAGS.d_model,
+                   dtype=str(dtype), passes=pass_name, remat=FLAGS.remat)
+        try:
+          if kind == "attention":
+            fn, args, count = _attention_layer_case(x, backward)
+          else:
+            config = layer_config(kind, chunk, length)
+            fn, args = _layer_case(config, x, dtype, backward)
+            count = memory_layer_flops(config, batch, length, backward)
+          yield timed_variant(fn, args, count, peak, row)
+        except Exception as e:  # one failing variant (e.g. out of memory) must not end the run
+          yield dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def _layer_case(config, x, dtype, backward):
+  graphdef, params, rest = nnx.split(MemoryLayer(config, rngs=nnx.Rngs(0), dtype=dtype),
+                                     nnx.Param, ...)
+
+  def forward(params, x):
+    return nnx.merge(graphdef, params, rest)(x)
+
+  if not backward:
+    return forward, (params, x)
+  loss = lambda params, x: jnp.mean(forward(params, x).astype(jnp.float32) ** 2)
+  return jax.grad(loss, argnums=(0, 1)), (params, x)
+
+
+def _attention_layer_case(x, backward):
+  """q, k, v, output-gate and output projections around cuDNN causal attention."""
+  b, t, d = x.shape
+  h, hd = FLAGS.heads, FLAGS.head_dim
+  keys = jax.random.split(jax.random.key(2), 5)
+  params = [jax.random.normal(k, (d, h * hd), jnp.float32) / d**0.5 for k in keys[:4]]
+  params.append(jax.random.normal(keys[4], (h * hd, d), jnp.float32) / (h * hd)**0.5)
+  impl = "cudnn" if jax.default_backend() == "gpu" else None
+
+  def forward(params, x):
+    wq, wk, wv, wg, wo = (p.astype(x.dtype) for p in params)
+    heads = lambda y: y.reshape(b, t, h, hd)
+    o = jax.nn.dot_product_attention(heads(x @ wq), heads(x @ wk), heads(x @ wv),
+                                     is_causal=True, implementation=impl)
+    return (o.reshape(b, t, h * hd) * jax.nn.silu(x @ wg)) @ wo
+
+  count = (2.0 * b * t * 5 * d * h * hd * (3 if backward else 1)
+           + flops.causal_attention_flops(b, t, h, hd, backward))
+  if not backward:
+    return forward, (params, x), count
+  loss = lambda params, x: jnp.mean(forward(params, x).astype(jnp.float32) ** 2)
+  return jax.grad(loss, argnums=(0, 1)), (params, x), count
+
+
 def format_row(r) -> str:
   name = (f"{r['model']:9s} {r['rule'] or '-':6s} {r['read']:11s} C={r['chunk']:<5d} "
           f"u={r['unroll']:<4} T={r['length']:<6d}")
@@ -185,12 +274,13 @@ def format_row(r) -> str:
 
 
 def plot(path: str, prefix: str):
+  """tokens/s against chunk size: one line per (model, read, length); attention as lines."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   rows = [json.loads(line) for line in open(path) if line.strip()]
-  rows = [r for r in rows if "error" not in r and r["mode"] == "op"]
+  rows = [r for r in rows if "error" not in r and r["mode"] == FLAGS.mode]
   for pass_name in sorted({r["passes"] for r in rows}):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = sorted({(r["model"], r["read"], r["length"]) for r in rows
@@ -199,13 +289,14 @@ def plot(path: str, prefix: str):
       pts = sorted((r["chunk"], r["tokens_per_s"]) for r in rows
                    if (r["model"], r["read"], r["length"], r["passes"]) ==
                    (model, read, length, pass_name) and r["unroll"] == "auto")
-      ax.plot(*zip(*pts), marker="o", label=f"{model} {read} T={length}")
+      ax.plot(*zip(*pts), marker="o", label=f"{model} {read} T={length}".replace("  ", " "))
     for r in rows:
       if r["model"] == "attention" and r["passes"] == pass_name:
         ax.axhline(r["tokens_per_s"], ls="--", lw=1, color="gray")
         ax.text(8, r["tokens_per_s"] * 1.05, f"cuDNN attention T={r['length']}", fontsize=7)
-    ax.set(xscale="log", yscale="log", xlabel="chunk size C", ylabel="tokens/s",
-           title=f"memory op, {pass_name}, {rows[0]['device']}")
+    xlabel = "chunk size C (TNT: local C_L)" if FLAGS.mode == "layer" else "chunk size C"
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="tokens/s",
+           title=f"memory {FLAGS.mode}, {pass_name}, {rows[0]['device']}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = f"{prefix}_{pass_name.replace('+', '_')}.png"
@@ -222,7 +313,8 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
         f"; measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
   sink = open(FLAGS.out, "a") if FLAGS.out else None
-  for row in run_op_mode(peak):
+  rows = run_layer_mode(peak) if FLAGS.mode == "layer" else run_op_mode(peak)
+  for row in rows:
     print(format_row(row), flush=True)
     if sink:
       sink.write(json.dumps(dict(row, peak_tflops=peak / 1e12)) + "\n")
