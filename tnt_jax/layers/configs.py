@@ -41,6 +41,9 @@ class MemoryLayerConfig:
   head_dim: per-head size of q, k, v and the memory; default d_model // num_heads (which must
     then divide exactly).
   max_lr: theta = max_lr * sigmoid(x W + b), the inner learning rate's ceiling.
+  max_momentum: eta = max_momentum * sigmoid(x W + b). Both ceilings bound how far learned gates
+    can push the inner optimiser: with eta -> 1 and a deep memory, momentum accumulates without
+    decay and the fast weights blow up within a few hundred tokens.
   theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at max_lr*sigmoid(0)).
   implementation: the memory op's ("xla" chunkwise, or "reference" token loop for tests).
   remat: recompute each memory chunk in the backward pass (less memory, more compute).
@@ -52,6 +55,7 @@ class MemoryLayerConfig:
   head_dim: int | None = None
   conv_width: int = 4
   max_lr: float = 1.0
+  max_momentum: float = 0.9
   theta_bias: float = 0.0
   eta_bias: float = 2.0
   alpha_bias: float = -5.0
@@ -70,6 +74,8 @@ class MemoryLayerConfig:
     _positive_int("head_dim", self.head_dim)
     if not self.max_lr > 0 or not math.isfinite(self.max_lr):
       raise ValueError(f"max_lr={self.max_lr!r} must be a finite number > 0")
+    if not 0 <= self.max_momentum <= 1:
+      raise ValueError(f"max_momentum={self.max_momentum!r} must be in [0, 1]")
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={self.implementation!r} is unknown; expected one of "
                        f"{IMPLEMENTATIONS}")
@@ -108,7 +114,7 @@ class TitansLayerConfig(MemoryLayerConfig):
   model: MemoryModel = TITANS_MEMORY
   loss: str = "l2"
   read: str = "cumulative"
-  max_lr: float = 0.1
+  max_lr: float = 0.02   # with max_momentum 0.9: stable even with saturated gates
 
   def memory_config(self) -> TNTConfig:
     return TNTConfig(MemoryConfig(self.model, UpdateRule("titans"), self.loss, self.read,
@@ -178,7 +184,7 @@ class TNTLayerConfig(MemoryLayerConfig):
   rule: UpdateRule = UpdateRule("titans")
   loss: str = "l2"
   qk_projection: bool = True
-  max_lr: float = 0.1
+  max_lr: float = 0.02   # with max_momentum 0.9: stable even with saturated gates
   memories: TNTConfig | None = None   # set by from_memories; overrides the fields above
 
   def __post_init__(self):

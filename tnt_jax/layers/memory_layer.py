@@ -2,7 +2,8 @@
 
     x [B, T, d_model]
       -> q, k, v = SiLU(CausalConv(x W_{q,k,v}))       per head; q, k then L2-normalised
-      -> per memory m: theta = max_lr * sigmoid(x W_theta + b), eta, alpha = sigmoid(...)
+      -> per memory m: theta = max_lr * sigmoid(x W_theta + b), eta = max_momentum * sigmoid(.),
+         alpha = sigmoid(...)
       -> o = tnt_op(q, k, v, gates, ...)                 global memory + sum of local memories
       -> HeadRMSNorm(o) * SiLU(x W_gate) -> W_out        [B, T, d_model]
 
@@ -39,6 +40,7 @@ class MemoryParams(nnx.Module):
     self.gate_names = memory.rule.required_gates()
     self.num_heads = h
     self.max_lr = config.max_lr
+    self.max_momentum = config.max_momentum
     biases = {"theta": config.theta_bias, "eta": config.eta_bias, "alpha": config.alpha_bias}
     self.gate_proj = nnx.Linear(
         config.d_model, h * len(self.gate_names), use_bias=True, dtype=dtype,
@@ -56,6 +58,8 @@ class MemoryParams(nnx.Module):
     logits = logits.reshape(b, t, len(self.gate_names), self.num_heads)
     values = {n: jax.nn.sigmoid(logits[:, :, i]) for i, n in enumerate(self.gate_names)}
     values["theta"] = self.max_lr * values["theta"]
+    if "eta" in values:
+      values["eta"] = self.max_momentum * values["eta"]
     return Gates(*(values.get(n) for n in GATE_ORDER))
 
   def weights(self) -> dict:

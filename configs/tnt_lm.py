@@ -1,0 +1,145 @@
+r"""Decoder LMs with TNT, Titans, TTT, LaCT or attention token mixers, stages 1 and 2 of TNT.
+
+    python -m experiments.train --config configs/tnt_lm.py:size=tiny --workdir /tmp/tnt_tiny
+
+Argument string (comma-separated key=value; all optional):
+  size     tiny (CPU, minutes; the default) | small (~30M, one GPU) | paper150m (TNT paper)
+  mixer    tnt | titans | ttt_linear | ttt_mlp | lact | attention | swa, or a per-layer
+           pattern joined by "+" (e.g. swa+tnt alternates blocks)
+  chunk    Titans/TTT/LaCT chunk size, or TNT's local chunk when `local_chunks` is not given
+  local_chunks  TNT local chunk sizes joined by "+" (e.g. 4+8+16+32, one local memory each)
+  stage    1 (default) | 2: TNT stage 2: continue from --config.init_from with local chunks
+           `stage2_chunks` (default 1), local memories only, ~5% of stage 1's steps
+  data     stdlib (default: the Python standard library's source, no download) | a text file
+           path or glob (byte level) | tokens:<dir> (shards from experiments/prepare_tokens.py)
+
+Examples:
+    # TNT stage 1 then stage 2 ({8} -> {1}) on the embedded corpus
+    python -m experiments.train --config configs/tnt_lm.py:size=tiny --workdir /tmp/s1
+    python -m experiments.train --config configs/tnt_lm.py:size=tiny,stage=2 \
+        --config.init_from=/tmp/s1/checkpoints --workdir /tmp/s2
+    # Titans baseline at chunk 64 on a novel, on a GPU
+    python -m experiments.train --workdir /tmp/titans64 \
+        --config configs/tnt_lm.py:size=small,mixer=titans,chunk=64,data=war_and_peace.txt
+    # the paper's 150M TNT model, {8} local chunks, 16K context
+    python -m experiments.train --config configs/tnt_lm.py:size=paper150m,data=tokens:/data/c4
+Any field can then be overridden: --config.optim.lr=1e-3 --config.model.remat=True ...
+"""
+
+from ml_collections import config_dict
+
+SIZES = {
+    # d_model, layers, heads, seq_len, batch, steps, lr, TNT (C_G, S_L), default local chunk
+    "tiny": dict(d_model=64, num_layers=2, num_heads=4, seq_len=128, batch=16, steps=400,
+                 lr=3e-3, global_chunk=64, shard=64, chunk=8, dtype="float32"),
+    "small": dict(d_model=384, num_layers=6, num_heads=6, seq_len=2048, batch=16, steps=2000,
+                  lr=1.5e-3, global_chunk=256, shard=512, chunk=8, dtype="bfloat16"),
+    "paper150m": dict(d_model=768, num_layers=12, num_heads=12, seq_len=16384, batch=32,
+                      steps=19073, lr=1e-3, global_chunk=2048, shard=2048, chunk=8,
+                      dtype="bfloat16"),
+}
+
+
+def _parse(arg: str) -> dict[str, str]:
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} must be key=value (in {arg!r})")
+    out[key.strip()] = value.strip()
+  unknown = set(out) - {"size", "mixer", "chunk", "local_chunks", "stage", "data",
+                        "stage2_chunks"}
+  if unknown:
+    raise ValueError(f"unknown config arguments {sorted(unknown)} in {arg!r}")
+  return out
+
+
+def _mixer_options(kinds, size, chunk, local_chunks):
+  options = {}
+  for kind in kinds:
+    if kind == "tnt":
+      options[kind] = dict(global_chunk=size["global_chunk"], local_chunks=local_chunks,
+                           shard_lengths=size["shard"])
+    elif kind == "lact":
+      options[kind] = dict(chunk_size=chunk if chunk else size["global_chunk"])
+    elif kind in ("titans", "ttt_linear", "ttt_mlp"):
+      options[kind] = dict(chunk_size=chunk or size["chunk"])
+  return options
+
+
+def get_config(arg: str = "") -> config_dict.ConfigDict:
+  args = _parse(arg)
+  size_name = args.get("size", "tiny")
+  if size_name not in SIZES:
+    raise ValueError(f"size={size_name!r} is unknown; expected one of {tuple(SIZES)}")
+  size = SIZES[size_name]
+  kinds = args.get("mixer", "tnt").split("+")
+  chunk = int(args["chunk"]) if "chunk" in args else None
+  local_chunks = tuple(int(c) for c in args.get("local_chunks", str(chunk or size["chunk"]))
+                       .split("+"))
+  stage = int(args.get("stage", "1"))
+  if stage not in (1, 2):
+    raise ValueError(f"stage={stage} must be 1 or 2")
+
+  c = config_dict.ConfigDict()
+  c.seed = 0
+  c.steps = size["steps"]
+  c.log_every = 20 if size_name == "tiny" else 50
+  c.eval_every = 200 if size_name == "tiny" else 500
+  c.eval_batches = 8 if size_name == "tiny" else 16
+  c.checkpoint_every = 200 if size_name == "tiny" else 500
+  c.keep_checkpoints = 2
+  c.stage = stage
+  c.init_from = ""              # stage 2: a stage-1 workdir's checkpoints/ (or one step dir)
+  c.train_only_local = False    # stage 2 sets True; --config.train_only_local=False unfreezes
+
+  c.data = config_dict.ConfigDict()
+  source = args.get("data", "stdlib")
+  if source == "stdlib":
+    c.data.source, c.data.path = "stdlib", ""
+  elif source.startswith("tokens:"):
+    c.data.source, c.data.path = "tokens", source[len("tokens:"):]
+  else:
+    c.data.source, c.data.path = "files", source
+  c.data.seq_len = size["seq_len"]
+  c.data.batch_size = size["batch"]
+  c.data.validation_fraction = 0.02
+  c.data.max_bytes = config_dict.placeholder(int)
+
+  c.model = config_dict.ConfigDict()
+  c.model.d_model = size["d_model"]
+  c.model.num_layers = size["num_layers"]
+  c.model.num_heads = size["num_heads"]
+  c.model.head_dim = config_dict.placeholder(int)
+  c.model.mlp_hidden = config_dict.placeholder(int)
+  c.model.pattern = ",".join(kinds)
+  c.model.mixer_options = _mixer_options(kinds, size, chunk, local_chunks)
+  c.model.window = min(512, size["seq_len"])
+  c.model.tie_embeddings = True
+  c.model.dtype = size["dtype"]
+  c.model.remat = size_name == "paper150m"
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.lr = size["lr"]
+  c.optim.warmup_steps = max(10, c.steps // 20)
+  c.optim.min_lr_ratio = 0.1
+  c.optim.weight_decay = 0.1
+  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
+  c.optim.clip_norm = 1.0
+
+  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1))
+
+  if stage == 2:
+    if "tnt" not in kinds:
+      raise ValueError(f"stage=2 adapts TNT's local memories; mixer={'+'.join(kinds)} has none")
+    stage2_chunks = tuple(int(x) for x in args.get("stage2_chunks", "1").split("+"))
+    if len(stage2_chunks) == 1:
+      stage2_chunks *= len(local_chunks)
+    c.model.mixer_options["tnt"]["local_chunks"] = stage2_chunks
+    c.steps = max(10, size["steps"] // 20)      # ~5% of stage 1, as in the paper
+    c.optim.lr = size["lr"] / 3
+    c.optim.warmup_steps = max(2, c.steps // 10)
+    c.eval_every = c.checkpoint_every = max(1, c.steps // 2)
+    c.log_every = max(1, c.steps // 10)
+    c.train_only_local = True
+  return c

@@ -1,0 +1,83 @@
+"""LMConfig: a decoder LM's shape and its per-layer token mixers.
+
+`pattern` names the mixer of each block, repeated cyclically over `num_layers`:
+  memory mixers: "tnt", "titans", "ttt_linear", "ttt_mlp", "lact" (tnt_jax/layers presets)
+  attention:     "attention" (full causal), "swa" (sliding window of `window` tokens)
+so ("tnt",) is a pure TNT model and ("swa", "tnt") alternates. `mixer_options[kind]` overrides
+the fields of that kind's layer config (e.g. {"tnt": {"local_chunks": (8,)}}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from tnt_jax.layers.attention import AttentionConfig
+from tnt_jax.layers.configs import PRESETS, MemoryLayerConfig, preset
+
+ATTENTION_MIXERS = ("attention", "swa")
+MIXERS = tuple(PRESETS) + ATTENTION_MIXERS
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  head_dim: int | None = None
+  mlp_hidden: int | None = None          # default: 8/3 d_model rounded up to a multiple of 32
+  pattern: tuple[str, ...] = ("tnt",)
+  mixer_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  window: int = 512                      # "swa" mixers
+  rope_base: float = 10000.0
+  tie_embeddings: bool = True
+  dtype: str = "bfloat16"                # compute dtype; parameters are float32
+  remat: bool = False                    # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"model {name}={value!r} must be an integer >= 1")
+    object.__setattr__(self, "pattern", tuple(self.pattern))
+    if not self.pattern:
+      raise ValueError("model pattern is empty; name at least one mixer, e.g. ('tnt',)")
+    for kind in self.pattern:
+      if kind not in MIXERS:
+        raise ValueError(f"mixer {kind!r} in pattern={self.pattern} is unknown; expected one "
+                         f"of {MIXERS}")
+    for kind in self.mixer_options:
+      if kind not in MIXERS:
+        raise ValueError(f"mixer_options has unknown mixer {kind!r}; expected one of {MIXERS}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model dtype={self.dtype!r} must be one of {DTYPES}")
+    if self.mlp_hidden is None:
+      object.__setattr__(self, "mlp_hidden", -(-(8 * self.d_model // 3) // 32) * 32)
+    for i in range(min(self.num_layers, len(self.pattern))):
+      self.mixer_config(i)   # validate every distinct mixer now, before anything is built
+
+  def mixer_kind(self, layer: int) -> str:
+    return self.pattern[layer % len(self.pattern)]
+
+  def mixer_config(self, layer: int) -> MemoryLayerConfig | AttentionConfig:
+    kind = self.mixer_kind(layer)
+    options = dict(self.mixer_options.get(kind, {}))
+    common = dict(d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim)
+    if kind in ATTENTION_MIXERS:
+      window = self.window if kind == "swa" else None
+      return _build(AttentionConfig, kind, dict(common, window=window, rope_base=self.rope_base,
+                                                **options))
+    return _build(lambda **kw: preset(kind, **kw), kind, dict(common, **options))
+
+  @property
+  def memory_kinds(self) -> tuple[str, ...]:
+    return tuple(k for k in dict.fromkeys(self.pattern) if k not in ATTENTION_MIXERS)
+
+
+def _build(make, kind, fields):
+  try:
+    return make(**fields)
+  except TypeError as e:   # an option the layer config does not have
+    raise ValueError(f"mixer_options for {kind!r}: {e}") from None

@@ -1,0 +1,75 @@
+"""The decoder LM: embedding, pre-norm blocks [token mixer + SwiGLU MLP], final norm, head."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tnt_jax.layers.attention import Attention, AttentionConfig
+from tnt_jax.layers.memory_layer import MemoryLayer, count_params
+from tnt_jax.layers.mlp import SwiGLU
+from tnt_jax.layers.norms import RMSNorm
+from tnt_jax.models.config import LMConfig
+
+Array = jax.Array
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config: LMConfig, layer: int, *, rngs: nnx.Rngs, dtype):
+    mixer_config = config.mixer_config(layer)
+    self.mixer_norm = RMSNorm(config.d_model)
+    if isinstance(mixer_config, AttentionConfig):
+      self.mixer = Attention(mixer_config, rngs=rngs, dtype=dtype)
+    else:
+      self.mixer = MemoryLayer(mixer_config, rngs=rngs, dtype=dtype)
+    self.mlp_norm = RMSNorm(config.d_model)
+    self.mlp = SwiGLU(config.d_model, config.mlp_hidden, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    x = x_BxTxD + self.mixer(self.mixer_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+
+
+class LanguageModel(nnx.Module):
+  """tokens [B, T] int -> logits [B, T, V] float32."""
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = jnp.dtype(config.dtype)
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=self.dtype,
+                           embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.blocks = nnx.List([Block(config, i, rngs=rngs, dtype=self.dtype)
+                            for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.d_model)
+    if not config.tie_embeddings:
+      self.head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False,
+                             dtype=self.dtype, rngs=rngs)
+
+  def __call__(self, tokens_BxT: Array) -> Array:
+    if tokens_BxT.ndim != 2:
+      raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens_BxT.shape)}")
+    x = self.embed(tokens_BxT)
+    for block in self.blocks:
+      if self.config.remat:
+        x = nnx.remat(lambda block, x: block(x))(block, x)
+      else:
+        x = block(x)
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(x) / math.sqrt(self.config.d_model)
+    else:
+      logits = self.head(x)
+    return logits.astype(jnp.float32)
+
+
+def param_summary(model: LanguageModel) -> str:
+  c = model.config
+  total = count_params(model)
+  embed = c.vocab_size * c.d_model
+  kinds = ",".join(c.pattern)
+  return (f"{total:,} parameters ({total - embed:,} without the embedding); {c.num_layers} "
+          f"blocks of [{kinds}], d_model {c.d_model}, {c.num_heads} heads")

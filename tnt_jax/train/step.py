@@ -1,0 +1,59 @@
+"""Pure train and eval steps over a pytree state {"params", "opt_state", "step"}."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tnt_jax.models.lm import LanguageModel
+
+
+class ModelFunctions:
+  """A model as pure functions of its parameters (a nested dict of arrays)."""
+
+  def __init__(self, model: LanguageModel):
+    self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+    self.template = params
+    self.config = model.config
+
+  def initial_params(self) -> dict:
+    return nnx.to_pure_dict(self.template)
+
+  def apply(self, params: dict, tokens_BxT: jax.Array) -> jax.Array:
+    state = jax.tree.map(lambda x: x, self.template)   # a fresh container to fill
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state, self.rest)(tokens_BxT)
+
+
+def token_losses(model: ModelFunctions, params, batch):
+  """Summed next-token cross-entropy (nats) and the number of scored tokens."""
+  logits = model.apply(params, batch["inputs"])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformation):
+
+  def loss_fn(params, batch):
+    total, count = token_losses(model, params, batch)
+    return total / jnp.maximum(count, 1.0)
+
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  return train_step
+
+
+def make_eval_step(model: ModelFunctions):
+
+  def eval_step(params, batch):
+    return token_losses(model, params, batch)
+
+  return eval_step
