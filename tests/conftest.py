@@ -8,4 +8,6 @@ float64 comparisons still hold to ~1e-14). Simulated devices are set for the par
 import os
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+# Four simulated CPU devices: the training tests run data-parallel over them.
+_DEVICES = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE + " " + _DEVICES).strip()

@@ -268,3 +268,15 @@ def restore_subtree(path: epath.PathLike, abstract_subtree: PyTree, *,
     return _restore(manager, step, abstract_subtree, subtree=subtree)
   finally:
     manager.close()
+
+
+def read_params_tree(path: epath.PathLike, *, subtree: str = "params") -> PyTree:
+  """`state[subtree]` of a checkpoint as host numpy arrays, no abstract tree needed (for
+  inspection and tests: e.g. comparing two runs' parameters)."""
+  directory, step = resolve(path)
+  with ocp.PyTreeCheckpointer() as reader:
+    state = reader.restore(directory / str(step) / STATE)
+  if subtree not in state:
+    raise ValueError(f"checkpoint {directory / str(step)} has no {subtree!r} in its state "
+                     f"(has {sorted(state)})")
+  return jax.tree.map(lambda x: jax.device_get(x), state[subtree])

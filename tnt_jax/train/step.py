@@ -45,7 +45,7 @@ def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformati
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
   return train_step

@@ -137,6 +137,9 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
                                        keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every)
   resume_step = checkpointer.latest_step()
+  if config.stage == 2 and not config.init_from and resume_step is None:
+    raise ValueError("stage 2 starts from a stage-1 checkpoint: set --config.init_from to the "
+                     "stage-1 workdir's checkpoints/ directory (or one step in it)")
   if config.init_from and resume_step is None:
     _check_stage_two_source(config.init_from, model_config)
   trainable = None

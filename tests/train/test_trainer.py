@@ -1,0 +1,162 @@
+"""End to end: a tiny TNT LM trains, resumes bit-exactly after SIGTERM, stage 2 freezes what it
+should, and bad inputs fail with clear errors. Runs on the simulated CPU devices (tests/conftest)."""
+
+import json
+import os
+import tempfile
+
+from absl import flags
+from absl.testing import absltest
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from configs.tnt_lm import get_config
+from tnt_jax.parallel import mesh as mesh_lib
+from tnt_jax.train import checkpoint as ckpt_lib
+from tnt_jax.train.optimizer import is_local_memory_param
+from tnt_jax.train.trainer import train_and_evaluate
+
+CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tnt_lm.py")
+pytestmark = pytest.mark.xdist_group("train")   # one worker runs these: the class shares runs
+
+
+def tiny_config(arg="", **overrides):
+  c = get_config("size=tiny" + ("," + arg if arg else ""))
+  c.steps, c.log_every, c.eval_every, c.eval_batches = 6, 1, 4, 2
+  c.checkpoint_every, c.keep_checkpoints = 3, 3
+  c.data.seq_len, c.data.batch_size, c.data.max_bytes = 32, 4, 300_000
+  c.data.validation_fraction = 0.2
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 1, 2
+  for kind, options in c.model.mixer_options.items():
+    if kind == "tnt":
+      options.update(global_chunk=16, shard_lengths=16)
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def train_losses(workdir):
+  losses = {}
+  with open(os.path.join(workdir, "logs", "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "train_loss" in row:
+        losses[row["step"]] = row["train_loss"]
+  return losses
+
+
+class TrainerTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp()
+    cls.full_dir = os.path.join(cls.root, "full")
+    cls.full = train_and_evaluate(tiny_config(), cls.full_dir)
+
+  def test_end_to_end_outputs(self):
+    self.assertTrue(np.isfinite(self.full["eval_loss"]))
+    self.assertEqual(self.full["step"], 6)
+    self.assertEqual(sorted(train_losses(self.full_dir)), list(range(1, 7)))
+    self.assertGreater(os.path.getsize(os.path.join(self.full_dir, "loss.png")), 1000)
+    self.assertEqual(ckpt_lib.complete_steps(os.path.join(self.full_dir, "checkpoints")), [3, 6])
+    events = [f for f in os.listdir(os.path.join(self.full_dir, "logs"))
+              if f.startswith("events.out.tfevents")]
+    self.assertLen(events, 1)
+
+  def test_sigterm_then_resume_is_bit_exact(self):
+    workdir = os.path.join(self.root, "preempted")
+    first = train_and_evaluate(tiny_config(), workdir, preempt_at_step=2)
+    self.assertTrue(first["preempted"])
+    self.assertEqual(ckpt_lib.complete_steps(os.path.join(workdir, "checkpoints")), [2])
+    second = train_and_evaluate(tiny_config(), workdir)
+    self.assertEqual(second["start_step"], 2)
+    full, resumed = train_losses(self.full_dir), train_losses(workdir)
+    self.assertEqual({s: resumed[s] for s in range(3, 7)}, {s: full[s] for s in range(3, 7)})
+    self.assertEqual(second["eval_loss"], self.full["eval_loss"])
+
+  def test_stage_two_trains_only_local_memories(self):
+    workdir = os.path.join(self.root, "stage2")
+    config = tiny_config("stage=2", steps=2, checkpoint_every=2,
+                         init_from=os.path.join(self.full_dir, "checkpoints"))
+    self.assertEqual(tuple(config.model.mixer_options.tnt.local_chunks), (1,))
+    train_and_evaluate(config, workdir)
+    before = ckpt_lib.read_params_tree(os.path.join(self.full_dir, "checkpoints"))
+    after = ckpt_lib.read_params_tree(os.path.join(workdir, "checkpoints"))
+    changed_local = 0
+    for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(before)[0],
+                            jax.tree.leaves(after)):
+      if is_local_memory_param(path):
+        changed_local += int(not np.array_equal(a, b))
+      else:
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    self.assertGreater(changed_local, 0)
+
+  def test_stage_two_rejects_a_non_tnt_checkpoint(self):
+    titans_dir = os.path.join(self.root, "titans")
+    train_and_evaluate(tiny_config("mixer=titans", steps=1, checkpoint_every=1), titans_dir)
+    config = tiny_config("stage=2", init_from=os.path.join(titans_dir, "checkpoints"))
+    with self.assertRaisesRegex(ValueError, r"not a TNT model"):
+      train_and_evaluate(config, os.path.join(self.root, "bad_stage2"))
+
+  def test_stage_two_rejects_a_shape_incompatible_checkpoint(self):
+    config = tiny_config("stage=2", init_from=os.path.join(self.full_dir, "checkpoints"))
+    config.model.d_model = 48
+    with self.assertRaisesRegex(ValueError, r"shape"):
+      train_and_evaluate(config, os.path.join(self.root, "bad_shapes"))
+
+  def test_non_finite_loss_stops_with_the_step_named(self):
+    workdir = os.path.join(self.root, "nan")
+    config = tiny_config(**{"optim.lr": 1e30, "optim.warmup_steps": 1, "checkpoint_every": 1,
+                            "optim.clip_norm": 1e30})
+    with self.assertRaisesRegex(FloatingPointError, r"non-finite training loss .* at step \d"):
+      train_and_evaluate(config, workdir)
+    for step in ckpt_lib.complete_steps(os.path.join(workdir, "checkpoints")):
+      params = ckpt_lib.read_params_tree(os.path.join(workdir, "checkpoints", str(step)))
+      self.assertTrue(all(np.isfinite(x).all() for x in jax.tree.leaves(params)))
+
+
+class BadInputTest(absltest.TestCase):
+
+  def test_missing_data_path(self):
+    config = tiny_config(**{"data.source": "files", "data.path": "/no/such/file.txt"})
+    with self.assertRaisesRegex(ValueError, "/no/such/file.txt"):
+      train_and_evaluate(config, tempfile.mkdtemp())
+
+  def test_batch_that_does_not_divide_over_the_mesh(self):
+    config = tiny_config(**{"data.batch_size": 3})
+    with self.assertRaisesRegex(ValueError, r"batch_size=3 does not divide over the mesh"):
+      train_and_evaluate(config, tempfile.mkdtemp())
+
+  def test_mesh_axes_must_use_every_device(self):
+    with self.assertRaisesRegex(ValueError, r"data=3 x fsdp=1 must use all 4 devices"):
+      mesh_lib.mesh_shape(3, 1, 4)
+
+  def test_unknown_config_key_on_the_command_line(self):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", CONFIG_FILE, flag_values=values,
+                                    lock_config=True)
+    with self.assertRaisesRegex(Exception, "no_such_key"):
+      values(["train", "--config.model.no_such_key=1"])
+
+  def test_unknown_config_argument_and_mixer_option(self):
+    with self.assertRaisesRegex(ValueError, r"unknown config arguments \['sise'\]"):
+      get_config("sise=tiny")
+    config = tiny_config()
+    config.model.mixer_options.tnt.chunk_size = 8
+    with self.assertRaisesRegex(ValueError, r"mixer_options for 'tnt'.*chunk_size"):
+      train_and_evaluate(config, tempfile.mkdtemp())
+
+  def test_stage_two_needs_a_tnt_model(self):
+    with self.assertRaisesRegex(ValueError, "stage=2 adapts TNT's local memories"):
+      get_config("mixer=titans,stage=2")
+
+
+if __name__ == "__main__":
+  absltest.main()
