@@ -104,6 +104,22 @@ class FastPathTest(parameterized.TestCase):
     self.assertLess(rel_err(outs[1], outs[0]), 2e-2)
 
 
+class StabilityTest(absltest.TestCase):
+
+  def test_saturated_gates_on_repeated_tokens_stay_finite(self):
+    """Identical keys make a chunk's gradients add up; the chunk_lr_budget ceiling keeps a large
+    global chunk from diverging even when every gate is saturated."""
+    config = TNTLayerConfig(d_model=D_MODEL, num_heads=HEADS, global_chunk=128, local_chunks=(8,),
+                            shard_lengths=256, theta_bias=10.0, eta_bias=10.0)
+    layer = MemoryLayer(config, rngs=nnx.Rngs(11))
+    x = jnp.broadcast_to(jax.random.normal(jax.random.key(12), (1, 1, D_MODEL)), (1, 1024, D_MODEL))
+    chex.assert_tree_all_finite(apply(layer, x))
+    tnt = layer.tnt
+    # min(max_lr = 0.02, budget 1 * (1 - max_momentum 0.9) / C)
+    self.assertAlmostEqual(config.theta_ceiling(tnt.global_memory), 0.1 / 128)
+    self.assertAlmostEqual(config.theta_ceiling(tnt.local_memories[0].memory), 0.1 / 8)
+
+
 class CausalityTest(absltest.TestCase):
 
   def test_prefix_gives_prefix_of_outputs(self):

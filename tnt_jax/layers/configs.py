@@ -44,7 +44,15 @@ class MemoryLayerConfig:
   max_momentum: eta = max_momentum * sigmoid(x W + b). Both ceilings bound how far learned gates
     can push the inner optimiser: with eta -> 1 and a deep memory, momentum accumulates without
     decay and the fast weights blow up within a few hundred tokens.
-  theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at max_lr*sigmoid(0)).
+  chunk_lr_budget: each gd/titans memory's theta ceiling is
+    min(max_lr, chunk_lr_budget * (1 - max_momentum) / C)   (titans; gd: budget / C).
+    A chunk's gradients are all taken at one state, and titans' momentum runs per token, so when
+    the chunk's keys agree its update is one gradient step of size sum(theta) / (1 - eta);
+    gradient descent on the l2 loss diverges once that passes ~1 (measured: a global memory with
+    C = 256 and theta 0.02 grew 1e6-fold per chunk; saturated gates on repeated tokens diverge
+    at a budget of 0.5 with C = 128). LaCT's update is normalised (Muon, row norms) and keeps
+    max_lr.
+  theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at half its ceiling).
   implementation: the memory op's ("xla" chunkwise, or "reference" token loop for tests).
   remat: recompute each memory chunk in the backward pass (less memory, more compute).
   """
@@ -56,6 +64,7 @@ class MemoryLayerConfig:
   conv_width: int = 4
   max_lr: float = 1.0
   max_momentum: float = 0.9
+  chunk_lr_budget: float = 1.0
   theta_bias: float = 0.0
   eta_bias: float = 2.0
   alpha_bias: float = -5.0
@@ -74,12 +83,21 @@ class MemoryLayerConfig:
     _positive_int("head_dim", self.head_dim)
     if not self.max_lr > 0 or not math.isfinite(self.max_lr):
       raise ValueError(f"max_lr={self.max_lr!r} must be a finite number > 0")
-    if not 0 <= self.max_momentum <= 1:
-      raise ValueError(f"max_momentum={self.max_momentum!r} must be in [0, 1]")
+    if not self.chunk_lr_budget > 0:
+      raise ValueError(f"chunk_lr_budget={self.chunk_lr_budget!r} must be > 0")
+    if not 0 <= self.max_momentum < 1:
+      raise ValueError(f"max_momentum={self.max_momentum!r} must be in [0, 1)")
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={self.implementation!r} is unknown; expected one of "
                        f"{IMPLEMENTATIONS}")
     self.memory_config()   # every kind validates its memories here, before anything is traced
+
+  def theta_ceiling(self, memory: MemoryConfig) -> float:
+    """The largest inner learning rate the gates can give `memory` (see chunk_lr_budget)."""
+    if memory.rule.kind == "lact":
+      return self.max_lr
+    momentum_gain = 1 - self.max_momentum if memory.rule.kind == "titans" else 1.0
+    return min(self.max_lr, self.chunk_lr_budget * momentum_gain / memory.chunk_size)
 
   @property
   def inner_dim(self) -> int:
@@ -114,7 +132,7 @@ class TitansLayerConfig(MemoryLayerConfig):
   model: MemoryModel = TITANS_MEMORY
   loss: str = "l2"
   read: str = "cumulative"
-  max_lr: float = 0.02   # with max_momentum 0.9: stable even with saturated gates
+  max_lr: float = 0.02
 
   def memory_config(self) -> TNTConfig:
     return TNTConfig(MemoryConfig(self.model, UpdateRule("titans"), self.loss, self.read,
@@ -184,7 +202,7 @@ class TNTLayerConfig(MemoryLayerConfig):
   rule: UpdateRule = UpdateRule("titans")
   loss: str = "l2"
   qk_projection: bool = True
-  max_lr: float = 0.02   # with max_momentum 0.9: stable even with saturated gates
+  max_lr: float = 0.02
   memories: TNTConfig | None = None   # set by from_memories; overrides the fields above
 
   def __post_init__(self):

@@ -2,7 +2,8 @@
 
     x [B, T, d_model]
       -> q, k, v = SiLU(CausalConv(x W_{q,k,v}))       per head; q, k then L2-normalised
-      -> per memory m: theta = max_lr * sigmoid(x W_theta + b), eta = max_momentum * sigmoid(.),
+      -> per memory m: theta = min(max_lr, chunk_lr_budget / C) * sigmoid(x W_theta + b),
+         eta = max_momentum * sigmoid(.),
          alpha = sigmoid(...)
       -> o = tnt_op(q, k, v, gates, ...)                 global memory + sum of local memories
       -> HeadRMSNorm(o) * SiLU(x W_gate) -> W_out        [B, T, d_model]
@@ -39,7 +40,7 @@ class MemoryParams(nnx.Module):
     h, hd = config.num_heads, config.head_dim
     self.gate_names = memory.rule.required_gates()
     self.num_heads = h
-    self.max_lr = config.max_lr
+    self.max_lr = config.theta_ceiling(memory)
     self.max_momentum = config.max_momentum
     biases = {"theta": config.theta_bias, "eta": config.eta_bias, "alpha": config.alpha_bias}
     self.gate_proj = nnx.Linear(

@@ -32,7 +32,8 @@ def token_losses(model: ModelFunctions, params, batch):
   logits = model.apply(params, batch["inputs"])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum(losses * mask), jnp.sum(mask)
+  # where, not a product: a padded position's loss must not reach the sum even if it is NaN.
+  return jnp.sum(jnp.where(mask > 0, losses * mask, 0.0)), jnp.sum(mask)
 
 
 def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformation):
