@@ -71,6 +71,14 @@ class ChunkwiseVsReferenceTest(parameterized.TestCase):
     for name, g, ref_g in zip(names, grads, ref_grads):
       assert_trees_rel_close(self, g, ref_g, tol, name)
 
+  @parameterized.parameters("gd_cumulative", "titans_cumulative", "lact_momentum_muon")
+  def test_checkpointed_chunk_groups_match_reference(self, rule_read):
+    """Scans of more than 16 chunks run as checkpointed groups (25 chunks -> 5 groups of 5,
+    the last chunk partial); outputs, states and gradients still equal the reference."""
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MODELS["mlp"], rule, "l2", read, chunk_size=2)
+    self.check(config, length=49, seed=_seed("groups", rule_read))
+
   @parameterized.product(model=("linear", "mlp", "swiglu"), loss=("l2", "dot"),
                          rule_read=tuple(RULE_READS)[:5], chunk=(1, 3, 16))
   def test_matches_reference(self, model, loss, rule_read, chunk):
