@@ -4,7 +4,8 @@ r"""Overlay the loss curves of several training runs (their logs/metrics.jsonl) 
         --tokens_per_step=32768 --out=docs/train_comparison.png
 
 Left: loss against step; right: against training time, estimated from each log interval's
-tokens/s (compilation and eval excluded), which is how the TNT paper compares speed.
+tokens/s and starting at the first logged step (whose interval holds the compilation), so
+compilation and eval are excluded. The TNT paper compares speed this way (loss vs hours).
 """
 
 import os
@@ -31,9 +32,12 @@ def metrics_path(path: str) -> str:
 
 
 def training_seconds(history, tokens_per_step: int) -> dict[int, float]:
-  """Cumulative seconds at each logged step, from the logged tokens/s of each interval."""
-  seconds, elapsed, previous = {}, 0.0, 0
-  for step, rate in history.get("tokens_per_s", []):
+  """Seconds since the first logged step, from the logged tokens/s of each later interval."""
+  rates = history.get("tokens_per_s", [])
+  if not rates:
+    return {}
+  seconds, elapsed, previous = {rates[0][0]: 0.0}, 0.0, rates[0][0]
+  for step, rate in rates[1:]:
     elapsed += (step - previous) * tokens_per_step / rate
     seconds[step], previous = elapsed, step
   return seconds
