@@ -65,7 +65,7 @@ def _mixer_options(kinds, size, chunk, local_chunks):
     elif kind in ("titans", "ttt_linear", "ttt_mlp"):
       options[kind] = dict(chunk_size=chunk or size["chunk"])
   for kind in options:   # the inner optimiser's stability knobs (tnt_jax/layers/configs.py)
-    options[kind]["chunk_lr_budget"] = 1.0
+    options[kind]["chunk_lr_budget"] = 0.25
   return options
 
 

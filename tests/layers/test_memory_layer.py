@@ -115,9 +115,9 @@ class StabilityTest(absltest.TestCase):
     x = jnp.broadcast_to(jax.random.normal(jax.random.key(12), (1, 1, D_MODEL)), (1, 1024, D_MODEL))
     chex.assert_tree_all_finite(apply(layer, x))
     tnt = layer.tnt
-    # min(max_lr = 0.02, budget 1 * (1 - max_momentum 0.9) / C)
-    self.assertAlmostEqual(config.theta_ceiling(tnt.global_memory), 0.1 / 128)
-    self.assertAlmostEqual(config.theta_ceiling(tnt.local_memories[0].memory), 0.1 / 8)
+    # min(max_lr = 0.02, budget 0.25 * (1 - max_momentum 0.9) / C)
+    self.assertAlmostEqual(config.theta_ceiling(tnt.global_memory), 0.025 / 128)
+    self.assertAlmostEqual(config.theta_ceiling(tnt.local_memories[0].memory), 0.025 / 8)
 
 
 class CausalityTest(absltest.TestCase):

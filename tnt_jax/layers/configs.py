@@ -50,8 +50,9 @@ class MemoryLayerConfig:
     the chunk's keys agree its update is one gradient step of size sum(theta) / (1 - eta);
     gradient descent on the l2 loss diverges once that passes ~1 (measured: a global memory with
     C = 256 and theta 0.02 grew 1e6-fold per chunk; saturated gates on repeated tokens diverge
-    at a budget of 0.5 with C = 128). LaCT's update is normalised (Muon, row norms) and keeps
-    max_lr.
+    at a budget of 0.5 with C = 128). The default 0.25 leaves room for the curvature to grow as
+    outer training scales the memory (a budget of 1 still diverged after ~100-150 steps on an
+    H100, docs/train_h100.md). LaCT's update is normalised (Muon, row norms) and keeps max_lr.
   theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at half its ceiling).
   implementation: the memory op's ("xla" chunkwise, or "reference" token loop for tests).
   remat: recompute each memory chunk in the backward pass (less memory, more compute).
@@ -64,7 +65,7 @@ class MemoryLayerConfig:
   conv_width: int = 4
   max_lr: float = 1.0
   max_momentum: float = 0.9
-  chunk_lr_budget: float = 1.0
+  chunk_lr_budget: float = 0.25
   theta_bias: float = 0.0
   eta_bias: float = 2.0
   alpha_bias: float = -5.0
