@@ -70,6 +70,11 @@ class TrainerTest(absltest.TestCase):
               if f.startswith("events.out.tfevents")]
     self.assertLen(events, 1)
 
+  def test_rerunning_a_finished_run_only_evaluates(self):
+    again = train_and_evaluate(tiny_config(), self.full_dir)
+    self.assertEqual((again["start_step"], again["step"]), (6, 6))
+    self.assertEqual(again["eval_loss"], self.full["eval_loss"])
+
   def test_sigterm_then_resume_is_bit_exact(self):
     workdir = os.path.join(self.root, "preempted")
     first = train_and_evaluate(tiny_config(), workdir, preempt_at_step=2)

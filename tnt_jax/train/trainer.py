@@ -203,6 +203,8 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
 
   def save(step, metrics, force=False):
+    if metrics is None:           # no step ran in this call (a finished run, rerun): saved already
+      return
     if not force and step % config.checkpoint_every:
       return
     if not _is_finite(metrics):   # never save a state that a non-finite step produced
@@ -211,8 +213,10 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
 
   preempt = install_sigterm_handler()
   summary: dict[str, Any] = {"workdir": workdir, "start_step": start, "preempted": False}
-  losses, interval_start, pending = [], time.perf_counter(), None
+  losses, interval_start, pending, metrics = [], time.perf_counter(), None, None
   step = start
+  if start >= config.steps:
+    log(f"the run in {workdir} is complete (step {start} of {config.steps}); evaluating only")
   try:
     for step in range(start + 1, config.steps + 1):
       batch = _device_batch(next(train_iter), batch_sharding)
