@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
-        "flax>=0.11",
+        "flax>=0.12",  # nnx.List and nnx.data
         "optax",
         "orbax-checkpoint",
         "grain",
