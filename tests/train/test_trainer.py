@@ -147,7 +147,7 @@ class BadInputTest(absltest.TestCase):
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", CONFIG_FILE, flag_values=values,
                                     lock_config=True)
-    with self.assertRaisesRegex(Exception, "no_such_key"):
+    with self.assertRaisesRegex(flags.UnrecognizedFlagError, "config.model.no_such_key"):
       values(["train", "--config.model.no_such_key=1"])
 
   def test_unknown_config_argument_and_mixer_option(self):

@@ -38,9 +38,6 @@ class AttentionConfig:
       raise ValueError(f"attention implementation={self.implementation!r} must be auto, xla "
                        "or cudnn")
 
-  def param_count(self) -> int:
-    return 5 * self.d_model * self.num_heads * self.head_dim   # q, k, v, output gate, output
-
 
 def rope(x_BxTxHxD: Array, positions_T: Array, base: float) -> Array:
   """Rotary position embedding (rotate-half form)."""

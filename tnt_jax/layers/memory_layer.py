@@ -2,7 +2,7 @@
 
     x [B, T, d_model]
       -> q, k, v = SiLU(CausalConv(x W_{q,k,v}))       per head; q, k then L2-normalised
-      -> per memory m: theta = min(max_lr, chunk_lr_budget / C) * sigmoid(x W_theta + b),
+      -> per memory m: theta = config.theta_ceiling(m) * sigmoid(x W_theta + b),
          eta = max_momentum * sigmoid(.),
          alpha = sigmoid(...)
       -> o = tnt_op(q, k, v, gates, ...)                 global memory + sum of local memories
@@ -40,7 +40,7 @@ class MemoryParams(nnx.Module):
     h, hd = config.num_heads, config.head_dim
     self.gate_names = memory.rule.required_gates()
     self.num_heads = h
-    self.max_lr = config.theta_ceiling(memory)
+    self.theta_ceiling = config.theta_ceiling(memory)
     self.max_momentum = config.max_momentum
     biases = {"theta": config.theta_bias, "eta": config.eta_bias, "alpha": config.alpha_bias}
     self.gate_proj = nnx.Linear(
@@ -58,7 +58,7 @@ class MemoryParams(nnx.Module):
     logits = self.gate_proj(x_BxTxD).astype(jnp.float32)
     logits = logits.reshape(b, t, len(self.gate_names), self.num_heads)
     values = {n: jax.nn.sigmoid(logits[:, :, i]) for i, n in enumerate(self.gate_names)}
-    values["theta"] = self.max_lr * values["theta"]
+    values["theta"] = self.theta_ceiling * values["theta"]
     if "eta" in values:
       values["eta"] = self.max_momentum * values["eta"]
     return Gates(*(values.get(n) for n in GATE_ORDER))

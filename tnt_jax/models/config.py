@@ -71,10 +71,6 @@ class LMConfig:
                                                 **options))
     return _build(lambda **kw: preset(kind, **kw), kind, dict(common, **options))
 
-  @property
-  def memory_kinds(self) -> tuple[str, ...]:
-    return tuple(k for k in dict.fromkeys(self.pattern) if k not in ATTENTION_MIXERS)
-
 
 def _build(make, kind, fields):
   try:

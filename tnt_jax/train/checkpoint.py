@@ -279,4 +279,4 @@ def read_params_tree(path: epath.PathLike, *, subtree: str = "params") -> PyTree
   if subtree not in state:
     raise ValueError(f"checkpoint {directory / str(step)} has no {subtree!r} in its state "
                      f"(has {sorted(state)})")
-  return jax.tree.map(lambda x: jax.device_get(x), state[subtree])
+  return jax.device_get(state[subtree])

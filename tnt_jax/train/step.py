@@ -16,7 +16,6 @@ class ModelFunctions:
   def __init__(self, model: LanguageModel):
     self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
     self.template = params
-    self.config = model.config
 
   def initial_params(self) -> dict:
     return nnx.to_pure_dict(self.template)

@@ -201,6 +201,7 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   step_flops = lm_train_flops(model_config, data_cfg.batch_size, data_cfg.seq_len)
   peak = device_peak_flops()
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
+  unit = "bits per byte" if vocab.vocab_size == data.BYTE_VOCAB_SIZE else "bits per token"
 
   def save(step, metrics, force=False):
     if metrics is None:           # no step ran in this call (a finished run, rerun): saved already
@@ -241,7 +242,7 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
         results = evaluate(eval_step, state["params"], config, batch_sharding)
         writer.scalars(step, results)
         log(f"eval at step {step}: loss {results['eval_loss']:.4f}, "
-            f"{results['eval_bits_per_token']:.4f} bits per token")
+            f"{results['eval_bits_per_token']:.4f} {unit}")
         interval_start = time.perf_counter()
       save(step, metrics)
       if preempt_at_step == step:
@@ -265,11 +266,10 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   png = os.path.join(workdir, "loss.png")
   if jax.process_index() == 0:
     plot_loss_curves(writer.jsonl_path, png, title=f"{','.join(model_config.pattern)} LM")
-  unit = "bits per byte" if vocab.vocab_size == data.BYTE_VOCAB_SIZE else "bits per token"
   log(f"done: step {step}, eval loss {results['eval_loss']:.4f} = "
       f"{results['eval_bits_per_token']:.4f} {unit}")
-  log(f"checkpoints: {checkpointer.directory}\nlogs (TensorBoard): {os.path.dirname(writer.jsonl_path)}"
-      f"\nloss curve: {png}")
+  log(f"checkpoints: {checkpointer.directory}\n"
+      f"logs (TensorBoard): {os.path.dirname(writer.jsonl_path)}\nloss curve: {png}")
   summary.update(step=step, png=png, **results)
   return summary
 
