@@ -34,6 +34,9 @@ class Corpus:
 
 def vocab_info(config: TextDataConfig) -> Vocab:
   """vocab_size and eos_id without loading any text (token sources read only meta.json)."""
+  task = config.task()
+  if task is not None:
+    return Vocab(task.vocab_size, task.eos_id)
   if config.source == "tokens":
     meta = token_shards.read_meta(config.path)
     return Vocab(meta.vocab_size, meta.eos_id)
@@ -53,6 +56,9 @@ def _byte_stream(docs: list[documents.Document]) -> TokenStream:
 
 def load_corpus(config: TextDataConfig, split: str) -> Corpus:
   documents.check_split(split)
+  if config.task() is not None:
+    raise ValueError(f"source={config.source!r} is a synthetic task with no corpus; "
+                     "make_lm_iterator generates its batches")
   if config.source == "tokens":
     stream, meta = token_shards.load_token_stream(config.path, split)
     vocab = Vocab(meta.vocab_size, meta.eos_id)

@@ -48,9 +48,11 @@ def device_peak_flops() -> float | None:
 
 def data_config(config) -> data.TextDataConfig:
   d = config.data
+  task = {k: d[k] for k in data.TASK_FIELDS if k in d}   # synthetic tasks: configs/tasks_lm.py
   return data.TextDataConfig(source=d.source, path=d.path, seq_len=d.seq_len,
                              batch_size=d.batch_size, seed=config.seed,
-                             validation_fraction=d.validation_fraction, max_bytes=d.max_bytes)
+                             validation_fraction=d.validation_fraction, max_bytes=d.max_bytes,
+                             **task)
 
 
 def lm_config(config, vocab_size: int) -> LMConfig:
@@ -201,7 +203,8 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   step_flops = lm_train_flops(model_config, data_cfg.batch_size, data_cfg.seq_len)
   peak = device_peak_flops()
   tokens_per_step = data_cfg.batch_size * data_cfg.seq_len
-  unit = "bits per byte" if vocab.vocab_size == data.BYTE_VOCAB_SIZE else "bits per token"
+  unit = ("bits per answer token" if data_cfg.source in data.TASK_SOURCES else
+          "bits per byte" if vocab.vocab_size == data.BYTE_VOCAB_SIZE else "bits per token")
 
   def save(step, metrics, force=False):
     if metrics is None:           # no step ran in this call (a finished run, rerun): saved already
