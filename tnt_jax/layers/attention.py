@@ -63,15 +63,23 @@ class Attention(nnx.Module):
     self.gate_proj = linear(config.d_model, inner)
     self.out_proj = linear(inner, config.d_model)
 
+  def _project(self, x, positions_T):
+    c = self.config
+    b, t, _ = x.shape
+    heads = lambda y: y.reshape(b, t, c.num_heads, c.head_dim)
+    q = rope(heads(self.q_proj(x)), positions_T, c.rope_base)
+    k = rope(heads(self.k_proj(x)), positions_T, c.rope_base)
+    return q, k, heads(self.v_proj(x))
+
+  def _output(self, o_BxTxHxD, x):
+    b, t = x.shape[:2]
+    o = o_BxTxHxD.reshape(b, t, self.config.num_heads * self.config.head_dim)
+    return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
+
   def __call__(self, x_BxTxD: Array) -> Array:
     c = self.config
     x = x_BxTxD.astype(self.dtype)
-    b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, c.num_heads, c.head_dim)
-    positions = jnp.arange(t)
-    q = rope(heads(self.q_proj(x)), positions, c.rope_base)
-    k = rope(heads(self.k_proj(x)), positions, c.rope_base)
-    v = heads(self.v_proj(x))
+    q, k, v = self._project(x, jnp.arange(x.shape[1]))
     impl = c.implementation
     if impl == "auto":
       impl = ("cudnn" if jax.default_backend() == "gpu"
@@ -79,5 +87,51 @@ class Attention(nnx.Module):
     window = None if c.window is None else (c.window - 1, 0)
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                      implementation=impl)
-    o = o.reshape(b, t, c.num_heads * c.head_dim)
-    return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
+    return self._output(o, x)
+
+  # --- streaming and decoding: a KV cache, a ring of the last `window` keys for SWA ---
+
+  def init_cache(self, batch: int, max_length: int | None = None) -> dict:
+    """Slots for the keys a future token can see: the window (SWA), or max_length tokens (full
+    attention, which needs it). slot_pos holds each slot's stream position (-1: empty)."""
+    c = self.config
+    if c.window is None and max_length is None:
+      raise ValueError("full attention keeps every key: init_cache needs max_length")
+    slots = c.window if max_length is None else min(c.window or max_length, max_length)
+    shape = (batch, slots, c.num_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+            "slot_pos": jnp.full((slots,), -1, jnp.int32), "position": jnp.zeros((), jnp.int32)}
+
+  def alignment(self) -> int:
+    return 1
+
+  def extend(self, x_BxTxD: Array, cache: dict) -> tuple[Array, dict]:
+    """Attend T new tokens over the cached keys and each other; write them into the cache.
+
+    Full attention's cache must hold the whole stream: past max_length (init_cache) the oldest
+    keys would be overwritten, so callers check the length first (models/decoding.py)."""
+    c = self.config
+    x = x_BxTxD.astype(self.dtype)
+    t, slots = x.shape[1], cache["k"].shape[1]
+    start = cache["position"]
+    positions = start + jnp.arange(t, dtype=jnp.int32)
+    q, k, v = self._project(x, positions)
+    keys = jnp.concatenate([cache["k"], k], axis=1)
+    values = jnp.concatenate([cache["v"], v], axis=1)
+    key_pos = jnp.concatenate([cache["slot_pos"], positions])
+    visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None])
+    if c.window is not None:
+      visible &= key_pos[None, :] > positions[:, None] - c.window
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=acc)
+    scores = jnp.where(visible, scores / jnp.sqrt(c.head_dim).astype(acc), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = jnp.einsum("bhts,bshd->bthd", probs.astype(x.dtype), values,
+                   preferred_element_type=acc).astype(x.dtype)
+    keep = min(t, slots)              # only the last `slots` new keys can be seen again
+    write = (positions[t - keep:] % slots)
+    cache = {"k": cache["k"].at[:, write].set(k[:, t - keep:]),
+             "v": cache["v"].at[:, write].set(v[:, t - keep:]),
+             "slot_pos": cache["slot_pos"].at[write].set(positions[t - keep:]),
+             "position": start + t}
+    return self._output(o, x), cache

@@ -27,7 +27,17 @@ class CausalDepthwiseConv(nnx.Module):
                                                -bound, bound))
 
   def __call__(self, x_BxTxC: Array) -> Array:
+    return self.extend(x_BxTxC, self.empty_history(x_BxTxC.shape[0], x_BxTxC.dtype))[0]
+
+  def empty_history(self, batch: int, dtype) -> Array:
+    """The inputs before t = 0: width - 1 zeros per channel."""
+    return jnp.zeros((batch, self.width - 1, self.kernel.shape[1]), dtype)
+
+  def extend(self, x_BxTxC: Array, history_BxWxC: Array) -> tuple[Array, Array]:
+    """The outputs for x given the width - 1 inputs before it, and the history after it
+    (streaming and decoding carry it from call to call)."""
     t = x_BxTxC.shape[1]
     kernel = self.kernel[...].astype(x_BxTxC.dtype)
-    padded = jnp.pad(x_BxTxC, [(0, 0), (self.width - 1, 0), (0, 0)])
-    return sum(padded[:, i:i + t] * kernel[i] for i in range(self.width))
+    padded = jnp.concatenate([history_BxWxC.astype(x_BxTxC.dtype), x_BxTxC], axis=1)
+    y = sum(padded[:, i:i + t] * kernel[i] for i in range(self.width))
+    return y, padded[:, padded.shape[1] - (self.width - 1):]

@@ -26,6 +26,8 @@ from tnt_jax.layers.conv import CausalDepthwiseConv
 from tnt_jax.layers.norms import HeadRMSNorm, l2_normalize
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.rules import Gates
+from tnt_jax.ops.decode import (alignment, carry_state, init_decode_state, tnt_decode_step,
+                               tnt_prefill)
 from tnt_jax.ops.tnt import tnt_op
 
 Array = jax.Array
@@ -95,30 +97,83 @@ class MemoryLayer(nnx.Module):
     self.out_proj = nnx.Linear(inner, d, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
 
-  def qkv(self, x_BxTxD: Array) -> tuple[Array, Array, Array]:
+  def qkv(self, x_BxTxD: Array, history: dict | None = None):
+    """q, k, v [B, T, H, D]; with `history` (the conv inputs before x) also the next history."""
     b, t, _ = x_BxTxD.shape
     heads = lambda y: y.reshape(b, t, self.config.num_heads, self.config.head_dim)
-    mix = lambda proj, conv: heads(jax.nn.silu(conv(proj(x_BxTxD))))
-    q = l2_normalize(mix(self.q_proj, self.q_conv))
-    k = l2_normalize(mix(self.k_proj, self.k_conv))
-    v = mix(self.v_proj, self.v_conv)
-    return q, k, v
+    out, new_history = {}, {}
+    for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
+                             ("v", self.v_proj, self.v_conv)):
+      x = proj(x_BxTxD)
+      if history is None:
+        y = conv(x)
+      else:
+        y, new_history[name] = conv.extend(x, history[name])
+      out[name] = heads(jax.nn.silu(y))
+    q, k = l2_normalize(out["q"]), l2_normalize(out["k"])
+    if history is None:
+      return q, k, out["v"]
+    return q, k, out["v"], new_history
 
-  def __call__(self, x_BxTxD: Array) -> Array:
+  def _memory_inputs(self, x):
+    return ([m.gates(x) for m in self.memories], [m.weights() for m in self.memories],
+            [m.slow_params() for m in self.memories])
+
+  def _output(self, o_BxTxHxD, x):
+    b, t, _ = x.shape
+    o = self.out_norm(o_BxTxHxD.astype(self.dtype)).reshape(b, t, self.config.inner_dim)
+    return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
+
+  def _check_input(self, x_BxTxD):
     if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.config.d_model:
       raise ValueError(f"memory layer input must be [batch, time, d_model="
                        f"{self.config.d_model}], got shape {tuple(x_BxTxD.shape)}")
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    self._check_input(x_BxTxD)
     x = x_BxTxD.astype(self.dtype)
-    b, t, _ = x.shape
     q, k, v = self.qkv(x)
-    gates = [m.gates(x) for m in self.memories]
-    weights = [m.weights() for m in self.memories]
-    slows = [m.slow_params() for m in self.memories]
-    global_state = self.tnt.global_memory.init_state(weights[0], b)
+    gates, weights, slows = self._memory_inputs(x)
+    global_state = self.tnt.global_memory.init_state(weights[0], x.shape[0])
     o_BxTxHxD, _ = tnt_op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
                           implementation=self.config.implementation, remat=self.config.remat)
-    o = self.out_norm(o_BxTxHxD.astype(self.dtype)).reshape(b, t, self.config.inner_dim)
-    return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
+    return self._output(o_BxTxHxD, x)
+
+  # --- streaming and decoding (SPEC §2.2) ---
+
+  def init_cache(self, batch: int) -> dict:
+    """The recurrent state before the first token: conv histories and every memory's carry."""
+    weights = [m.weights() for m in self.memories]
+    history = {name: conv.empty_history(batch, self.dtype)
+               for name, conv in (("q", self.q_conv), ("k", self.k_conv), ("v", self.v_conv))}
+    state = init_decode_state(self.tnt.global_memory.init_state(weights[0], batch), weights[1:],
+                              self.tnt, self.dtype)
+    return {"conv": history, "memory": state}
+
+  def alignment(self) -> int:
+    """A multi-token `extend` must start at a multiple of this (chunks and shards begin)."""
+    return alignment(self.tnt)
+
+  def extend(self, x_BxTxD: Array, cache: dict) -> tuple[Array, dict]:
+    """Continue the stream by T tokens: one token takes a decode step (any position); several
+    run the parallel form, from a position that is a multiple of `alignment()`."""
+    self._check_input(x_BxTxD)
+    x = x_BxTxD.astype(self.dtype)
+    q, k, v, history = self.qkv(x, cache["conv"])
+    gates, weights, slows = self._memory_inputs(x)
+    state = cache["memory"]
+    if x.shape[1] == 1:
+      token = lambda y: y[:, 0]
+      o, state = tnt_decode_step(
+          token(q), token(k), token(v),
+          [Gates(*(None if g is None else token(g) for g in gate)) for gate in gates], state,
+          weights[1:], slows, self.tnt)
+      o_BxTxHxD = o[:, None]
+    else:
+      o_BxTxHxD, state = tnt_prefill(
+          q, k, v, gates, carry_state(state.global_carry), weights[1:], slows, self.tnt,
+          position=state.position, implementation=self.config.implementation)
+    return self._output(o_BxTxHxD, x), {"conv": history, "memory": state}
 
 
 def count_params(module: nnx.Module) -> int:

@@ -33,6 +33,11 @@ class Block(nnx.Module):
     x = x_BxTxD + self.mixer(self.mixer_norm(x_BxTxD)).astype(x_BxTxD.dtype)
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
+  def extend(self, x_BxTxD: Array, cache: dict) -> tuple[Array, dict]:
+    y, cache = self.mixer.extend(self.mixer_norm(x_BxTxD), cache)
+    x = x_BxTxD + y.astype(x_BxTxD.dtype)
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
+
 
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] float32."""
@@ -49,21 +54,54 @@ class LanguageModel(nnx.Module):
       self.head = nnx.Linear(config.d_model, config.vocab_size, use_bias=False,
                              dtype=self.dtype, rngs=rngs)
 
-  def __call__(self, tokens_BxT: Array) -> Array:
+  def _check_tokens(self, tokens_BxT):
     if tokens_BxT.ndim != 2:
       raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens_BxT.shape)}")
-    x = self.embed(tokens_BxT)
-    for block in self.blocks:
-      if self.config.remat:
-        x = nnx.remat(lambda block, x: block(x))(block, x)
-      else:
-        x = block(x)
+
+  def _logits(self, x):
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x) / math.sqrt(self.config.d_model)
     else:
       logits = self.head(x)
     return logits.astype(jnp.float32)
+
+  def __call__(self, tokens_BxT: Array) -> Array:
+    self._check_tokens(tokens_BxT)
+    x = self.embed(tokens_BxT)
+    for block in self.blocks:
+      if self.config.remat:
+        x = nnx.remat(lambda block, x: block(x))(block, x)
+      else:
+        x = block(x)
+    return self._logits(x)
+
+  # --- streaming and decoding (models/decoding.py wraps these with checks and jit) ---
+
+  def init_cache(self, batch: int, max_length: int | None = None) -> dict:
+    """Every block's recurrent state before the first token. max_length: the longest stream
+    (prompt + generated); needed only by full-attention blocks, whose cache grows with it."""
+    return {"blocks": [block.mixer.init_cache(batch, max_length)
+                       if isinstance(block.mixer, Attention) else block.mixer.init_cache(batch)
+                       for block in self.blocks],
+            "position": jnp.zeros((), jnp.int32)}
+
+  def alignment(self) -> int:
+    """A multi-token `extend` must start at a multiple of this (every memory's chunks and
+    shards begin there); single tokens may be decoded anywhere."""
+    return math.lcm(*(block.mixer.alignment() for block in self.blocks))
+
+  def extend(self, tokens_BxT: Array, cache: dict) -> tuple[Array, dict]:
+    """Logits of T more tokens of the stream, and the cache after them. Equal to the parallel
+    __call__ on the whole stream so far (tests/models/test_decoding.py)."""
+    self._check_tokens(tokens_BxT)
+    x = self.embed(tokens_BxT)
+    caches = []
+    for block, block_cache in zip(self.blocks, cache["blocks"]):
+      x, block_cache = block.extend(x, block_cache)
+      caches.append(block_cache)
+    return self._logits(x), {"blocks": caches,
+                             "position": cache["position"] + tokens_BxT.shape[1]}
 
 
 def param_summary(model: LanguageModel) -> str:
