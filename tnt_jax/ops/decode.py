@@ -77,8 +77,11 @@ def _batched_steps(config: MemoryConfig, carry: dict, t, q_BxHxD, k_BxHxD, v_BxH
   return batch(carry, q_BxHxD, k_BxHxD, v_BxHxD, theta, eta, alpha, slow, reset)
 
 
-def initial_carry(config: MemoryConfig, state: MemoryState) -> dict:
-  """The carry at a chunk boundary from a MemoryState with leaves [B, H, ...]."""
+def initial_carry(config: MemoryConfig, state: MemoryState, dtype=None) -> dict:
+  """The carry at a chunk boundary from a MemoryState with leaves [B, H, ...], in `dtype` (the
+  state's own by default)."""
+  if dtype is not None:
+    state = jax.tree.map(lambda x: x.astype(dtype), state)
   leaf = jax.tree.leaves(state.weights)[0]
   head_dim = leaf.shape[-1]
   rule = TokenRule(config, {})
@@ -124,7 +127,7 @@ def _global_prefill(q, k, v, gates: Gates, state: MemoryState, slow, memory: Mem
                            Gates(*(_slice(g, 0, aligned) for g in gates)), state, slow, memory,
                            implementation=implementation, remat=remat)
     outs.append(out)
-  carry = initial_carry(memory, state)
+  carry = initial_carry(memory, state, accumulation_dtype(q.dtype, state))
   if aligned < t:
     acc = carry["proj"].dtype
     rest = _cast_all(acc, q[:, aligned:], k[:, aligned:], v[:, aligned:],
@@ -140,8 +143,9 @@ def _local_carry(q, k, v, gates: Gates, initial_weights, slow, local: LocalMemor
   b, t = q.shape[:2]
   s, c = local.shard_length, local.memory.chunk_size
   state = local.memory.init_state(initial_weights, b)
+  acc = accumulation_dtype(q.dtype, state)
   start = t // s * s
-  carry = initial_carry(local.memory, state)
+  carry = initial_carry(local.memory, state, acc)
   if start == t:            # the next token starts a shard and resets: the fresh carry serves
     return carry
   aligned = start + (t - start) // c * c
@@ -149,12 +153,11 @@ def _local_carry(q, k, v, gates: Gates, initial_weights, slow, local: LocalMemor
     part = lambda x: _slice(x, start, aligned)
     _, state = memory_op(part(q), part(k), part(v), Gates(*(part(g) for g in gates)), state,
                          slow, local.memory, implementation=implementation)
-    carry = initial_carry(local.memory, state)
+    carry = initial_carry(local.memory, state, acc)
     if qk_projection:
       kk = k[:, start:aligned].astype(carry["proj"].dtype)
       k_hat = kk / jnp.linalg.norm(kk, axis=-1, keepdims=True)
       carry["proj"] = jnp.einsum("bthd,bthe->bhde", k_hat, k_hat)
-  acc = carry["proj"].dtype
   rest = _cast_all(acc, q[:, aligned:], k[:, aligned:], v[:, aligned:],
                    Gates(*(_slice(g, aligned, t) for g in gates)), slow)
   reset = jax.tree.map(lambda w: w.astype(acc), initial_weights)
@@ -185,12 +188,14 @@ def tnt_prefill(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Seq
 
 
 def init_decode_state(global_state: MemoryState, local_initial_weights: Sequence[dict],
-                      config: TNTConfig) -> TNTDecodeState:
-  """The decode state at position 0 (nothing read yet)."""
+                      config: TNTConfig, compute_dtype=jnp.float32) -> TNTDecodeState:
+  """The decode state at position 0 (nothing read yet), carried in the accumulation dtype of
+  `compute_dtype` (float32, or float64 for float64 inputs)."""
   batch = jax.tree.leaves(global_state.weights)[0].shape[0]
-  locals_ = tuple(initial_carry(l.memory, l.memory.init_state(w, batch))
+  acc = accumulation_dtype(compute_dtype, global_state)
+  locals_ = tuple(initial_carry(l.memory, l.memory.init_state(w, batch), acc)
                   for l, w in zip(config.local_memories, local_initial_weights))
-  return TNTDecodeState(initial_carry(config.global_memory, global_state), locals_,
+  return TNTDecodeState(initial_carry(config.global_memory, global_state, acc), locals_,
                         jnp.zeros((), jnp.int32))
 
 
@@ -211,4 +216,7 @@ def tnt_decode_step(q_BxHxD: Array, k_BxHxD: Array, v_BxHxD: Array, gates: Seque
                               qk_projection=config.qk_projection)
     out = out + o
     carries.append(carry)
-  return out.astype(q_BxHxD.dtype), TNTDecodeState(g_carry, tuple(carries), t + 1)
+  # Keep the carry's dtypes, so a decode loop never changes its state's types.
+  like = lambda new, old: jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+  return out.astype(q_BxHxD.dtype), TNTDecodeState(
+      like(g_carry, state.global_carry), like(tuple(carries), state.local_carries), t + 1)
