@@ -3,6 +3,7 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
     python -m experiments.benchmark --mode=op                        # the H100 table in docs/
     python -m experiments.benchmark --mode=op --lengths=2048 --chunks=8,64 --models=mlp  # CPU
     python -m experiments.benchmark --mode=layer --lengths=2048,8192,32768 --chunks=8,16,64,128
+    python -m experiments.benchmark --mode=decode --d_model=384   # per-token decode cost
 
 Layer mode times a whole memory layer (projections, conv, gates, memories, output) for TNT
 (global C_G = --global_chunk, one local of chunk C, shards of --shard_length) against Titans
@@ -34,7 +35,13 @@ from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops import flops
 from tnt_jax.ops.api import memory_op
 
-flags.DEFINE_enum("mode", "op", ["op", "layer"], "what to measure")
+flags.DEFINE_enum("mode", "op", ["op", "layer", "decode"], "what to measure")
+flags.DEFINE_list("decode_kinds", ["tnt", "titans", "swa", "attention"],
+                  "decode mode: the mixer of every block")
+flags.DEFINE_list("positions", ["1024", "8192", "32768"], "decode mode: stream positions")
+flags.DEFINE_list("batches", ["1", "32"], "decode mode: batch sizes")
+flags.DEFINE_integer("decode_layers", 6, "decode mode: blocks (d_model from --d_model)")
+flags.DEFINE_integer("decode_steps", 32, "decode mode: timed decode steps per point")
 flags.DEFINE_list("kinds", ["tnt", "titans"], "layer mode: layer kinds")
 flags.DEFINE_integer("d_model", 768, "layer mode: model width")
 flags.DEFINE_integer("tokens", 32768, "layer mode: tokens per step (batch = tokens / length)")
@@ -304,6 +311,64 @@ def plot(path: str, prefix: str):
     print("wrote", out)
 
 
+def decode_model(kind: str, d_model: int, layers: int):
+  """The small training config's shapes (configs/tnt_lm.py size=small), random weights."""
+  from tnt_jax.models import LMConfig, LanguageModel
+  options = {"tnt": dict(global_chunk=256, local_chunks=(8,), shard_lengths=512),
+             "titans": dict(chunk_size=8)}
+  config = LMConfig(vocab_size=256, d_model=d_model, num_layers=layers,
+                    num_heads=max(1, d_model // 64), pattern=(kind,),
+                    mixer_options={k: v for k, v in options.items() if k == kind}, window=512,
+                    dtype="bfloat16")
+  return LanguageModel(config, rngs=nnx.Rngs(0))
+
+
+def run_decode_mode(peak):
+  """Per-token decode latency at growing stream positions: prefill (parallel form, untimed) to
+  each position, then time single-token greedy steps. Memory models and SWA continue one stream;
+  full attention gets a cache of exactly position + steps slots at each position (its per-token
+  cost grows with the context, which is the point of comparison)."""
+  del peak
+  from tnt_jax.models.decoding import Decoder
+  positions = sorted(int(p) for p in FLAGS.positions)
+  for kind in FLAGS.decode_kinds:
+    model = decode_model(kind, FLAGS.d_model, FLAGS.decode_layers)
+    for batch in (int(b) for b in FLAGS.batches):
+      tokens = jax.random.randint(jax.random.key(1), (batch, positions[-1]), 0, 256)
+      decoder, cache, done = None, None, 0
+      for position in positions:
+        if kind == "attention" or decoder is None:
+          # Full attention: a bounded prefill segment keeps its score matrices small.
+          segment = 2048 if kind != "attention" else max(128, 8192 // batch)
+          decoder = Decoder(model, max_length=position + FLAGS.decode_steps + 8
+                            if kind == "attention" else None, segment=segment)
+          cache, done = decoder.init_cache(batch), 0
+        start = time.perf_counter()
+        _, cache = decoder.prefill(tokens[:, done:position], cache)
+        jax.block_until_ready(cache)
+        prefill_s, done = time.perf_counter() - start, position
+        token, step_cache = tokens[:, position - 1], cache
+        times = []
+        for i in range(FLAGS.decode_steps + 3):
+          t0 = time.perf_counter()
+          token, _, step_cache = decoder._sample_step(decoder.state, token, step_cache,
+                                                      jax.random.key(i), 0.0, 0, 1.0)
+          jax.block_until_ready(token)
+          if i >= 3:                      # the first steps compile and warm up
+            times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        cache_bytes = sum(x.nbytes for x in jax.tree.leaves(step_cache))
+        yield dict(mode="decode", kind=kind, batch=batch, position=position,
+                   step_ms=step * 1e3, tokens_per_s=batch / step, cache_mb=cache_bytes / 2**20,
+                   prefill_s=prefill_s, layers=FLAGS.decode_layers, d_model=FLAGS.d_model)
+
+
+def format_decode_row(r) -> str:
+  return (f"decode {r['kind']:>9} batch {r['batch']:>3} position {r['position']:>6}: "
+          f"{r['step_ms']:7.2f} ms/step {r['tokens_per_s']:9.1f} tok/s  cache "
+          f"{r['cache_mb']:8.1f} MiB  (prefill to here {r['prefill_s']:.1f} s incl. compile)")
+
+
 def main(argv):
   del argv
   if FLAGS.plot:
@@ -313,9 +378,9 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
         f"; measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
   sink = open(FLAGS.out, "a") if FLAGS.out else None
-  rows = run_layer_mode(peak) if FLAGS.mode == "layer" else run_op_mode(peak)
-  for row in rows:
-    print(format_row(row), flush=True)
+  modes = {"layer": run_layer_mode, "op": run_op_mode, "decode": run_decode_mode}
+  for row in modes[FLAGS.mode](peak):
+    print(format_row(row) if FLAGS.mode != "decode" else format_decode_row(row), flush=True)
     if sink:
       sink.write(json.dumps(dict(row, peak_tflops=peak / 1e12)) + "\n")
       sink.flush()
