@@ -29,6 +29,14 @@ class ReadmeExampleTest(absltest.TestCase):
     self.assertEqual(scope["y"].shape, (2, 50, 64))
     self.assertTrue(np.all(np.isfinite(np.asarray(scope["y"]))))
 
+  def test_generation_example_runs(self):
+    readme = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+    code = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)[2]
+    scope = {}
+    exec(compile(code, str(readme), "exec"), scope)   # it asserts step == parallel itself
+    self.assertEqual(scope["tokens"].shape, (1, 12))
+    self.assertTrue(np.all((scope["tokens"] >= 0) & (scope["tokens"] < 256)))
+
 
 if __name__ == "__main__":
   absltest.main()
