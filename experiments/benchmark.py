@@ -288,6 +288,8 @@ def plot(path: str, prefix: str):
 
   rows = [json.loads(line) for line in open(path) if line.strip()]
   rows = [r for r in rows if "error" not in r and r["mode"] == FLAGS.mode]
+  if FLAGS.mode == "decode":
+    return plot_decode(rows, prefix, plt)
   for pass_name in sorted({r["passes"] for r in rows}):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = sorted({(r["model"], r["read"], r["length"]) for r in rows
@@ -347,7 +349,8 @@ def run_decode_mode(peak):
         _, cache = decoder.prefill(tokens[:, done:position], cache)
         jax.block_until_ready(cache)
         prefill_s, done = time.perf_counter() - start, position
-        token, step_cache = tokens[:, position - 1], cache
+        # Steps consume (donate) their cache: time them on a copy, continue the stream from cache.
+        token, step_cache = tokens[:, position - 1], jax.tree.map(jnp.copy, cache)
         times = []
         for i in range(FLAGS.decode_steps + 3):
           t0 = time.perf_counter()
@@ -361,6 +364,26 @@ def run_decode_mode(peak):
         yield dict(mode="decode", kind=kind, batch=batch, position=position,
                    step_ms=step * 1e3, tokens_per_s=batch / step, cache_mb=cache_bytes / 2**20,
                    prefill_s=prefill_s, layers=FLAGS.decode_layers, d_model=FLAGS.d_model)
+
+
+def plot_decode(rows, prefix, plt):
+  """ms per decode step against stream position, one panel per batch size."""
+  batches = sorted({r["batch"] for r in rows})
+  fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+  for ax, batch in zip(axes[0], batches):
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+      pts = sorted((r["position"], r["step_ms"]) for r in rows
+                   if r["kind"] == kind and r["batch"] == batch)
+      ax.plot(*zip(*pts), marker="o", label=kind)
+    ax.set(xscale="log", xlabel="stream position (tokens)", ylabel="ms per decode step",
+           title=f"batch {batch}")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  out = f"{prefix}.png"
+  fig.savefig(out, dpi=120)
+  print("wrote", out)
 
 
 def format_decode_row(r) -> str:

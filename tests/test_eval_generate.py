@@ -92,7 +92,7 @@ class FromCheckpointTest(absltest.TestCase):
     self.assertIn("12 tokens", gen.stderr)
     out_dir = tempfile.mkdtemp()
     ev = self._run("experiments.eval", f"--checkpoints=m={self.checkpoints}",
-                   "--lengths=16,64", "--max_batches=1", "--batch_size=2",
+                   "--lengths=16,64", "--tokens=128", "--batch_size=2",
                    f"--out_dir={out_dir}")
     self.assertEqual(ev.returncode, 0, ev.stderr[-3000:])
     self.assertIn("| m |", ev.stdout)

@@ -42,8 +42,11 @@ class Decoder:
     self.max_length = max_length
     # Prefill segments: a multiple of the alignment, so every segment may run in parallel.
     self.segment = max(1, segment // self.alignment) * self.alignment
-    self._extend = jax.jit(self._extend_fn)
-    self._sample_step = jax.jit(self._sample_step_fn, static_argnums=(4, 5, 6))
+    # The cache is donated: updated in place (a KV cache is not copied every token), so a cache
+    # passed to extend or a step is consumed; use the one returned.
+    self._extend = jax.jit(self._extend_fn, donate_argnums=2)
+    self._sample_step = jax.jit(self._sample_step_fn, static_argnums=(4, 5, 6),
+                                donate_argnums=2)
 
   def _model(self, state):
     return nnx.merge(self.graphdef, state)
@@ -70,7 +73,7 @@ class Decoder:
     return position
 
   def extend(self, tokens_BxT, cache: dict) -> tuple[Array, dict]:
-    """Logits [B, T, V] for T more tokens and the cache after them."""
+    """Logits [B, T, V] for T more tokens and the cache after them (`cache` is consumed)."""
     tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
     self._check_extend(tokens_BxT.shape[1], cache)
     return self._extend(self.state, tokens_BxT, cache)
@@ -85,6 +88,17 @@ class Decoder:
     for lo in range(0, tokens_BxT.shape[1], self.segment):
       logits, cache = self.extend(tokens_BxT[:, lo:lo + self.segment], cache)
     return logits[:, -1], cache
+
+  def forward(self, tokens_BxT) -> Array:
+    """Logits [B, T, V] of a whole sequence, computed segment by segment with the carried cache:
+    equal to the parallel forward, in memory bounded by the segment (long-context evaluation)."""
+    tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
+    cache = self.init_cache(tokens_BxT.shape[0])
+    outs = []
+    for lo in range(0, tokens_BxT.shape[1], self.segment):
+      logits, cache = self.extend(tokens_BxT[:, lo:lo + self.segment], cache)
+      outs.append(logits)
+    return jnp.concatenate(outs, axis=1)
 
   def generate(self, prompt_BxT, num_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0):
