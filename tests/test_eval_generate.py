@@ -98,6 +98,16 @@ class FromCheckpointTest(absltest.TestCase):
     self.assertIn("| m |", ev.stdout)
     for name in ("results.json", "table.md", "length.png"):
       self.assertTrue(os.path.exists(os.path.join(out_dir, name)), name)
+    for task, extra in (("needle", ["--depths=0,1"]), ("mqar", [])):
+      task_dir = tempfile.mkdtemp()
+      run = self._run("experiments.eval", f"--task={task}", f"--checkpoints=m={self.checkpoints}",
+                      "--lengths=32,64", "--task_rows=2", f"--out_dir={task_dir}", *extra)
+      self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+      self.assertTrue(os.path.exists(os.path.join(task_dir, "results.json")), task)
+      if task == "needle":
+        self.assertTrue(os.path.exists(os.path.join(task_dir, "needle_m.png")))
+      else:
+        self.assertIn("| m |", run.stdout)
     bad = self._run("experiments.generate", f"--checkpoint={self.workdir}/nothing_here")
     self.assertNotEqual(bad.returncode, 0)
     self.assertIn("does not exist", bad.stderr)
