@@ -12,7 +12,6 @@ import numpy as np
 
 from tnt_jax import data
 from tnt_jax.data import tasks
-from tnt_jax.data.tasks import mqar as mqar_lib
 from tnt_jax.data.tasks import needle as needle_lib
 
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
