@@ -26,13 +26,18 @@ class ModelFunctions:
     return nnx.merge(self.graphdef, state, self.rest)(tokens_BxT)
 
 
-def token_losses(model: ModelFunctions, params, batch):
-  """Summed next-token cross-entropy (nats) and the number of scored tokens."""
+def token_losses(model: ModelFunctions, params, batch, with_correct: bool = False):
+  """Summed next-token cross-entropy (nats) and the number of scored tokens [and how many of
+  them the argmax predicts]."""
   logits = model.apply(params, batch["inputs"])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   # where, not a product: a padded position's loss must not reach the sum even if it is NaN.
-  return jnp.sum(jnp.where(mask > 0, losses * mask, 0.0)), jnp.sum(mask)
+  total, count = jnp.sum(jnp.where(mask > 0, losses * mask, 0.0)), jnp.sum(mask)
+  if not with_correct:
+    return total, count
+  right = (jnp.argmax(logits, axis=-1) == batch["targets"]) & (mask > 0)
+  return total, count, jnp.sum(right.astype(jnp.float32))
 
 
 def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformation):
@@ -54,6 +59,7 @@ def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformati
 def make_eval_step(model: ModelFunctions):
 
   def eval_step(params, batch):
-    return token_losses(model, params, batch)
+    """(summed loss, scored tokens, argmax-correct tokens)."""
+    return token_losses(model, params, batch, with_correct=True)
 
   return eval_step

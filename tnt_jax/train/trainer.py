@@ -104,16 +104,17 @@ def evaluate(eval_step, params, config, batch_sharding) -> dict[str, float]:
                                    shard_index=jax.process_index(),
                                    shard_count=jax.process_count(),
                                    max_batches=config.eval_batches)
-  total, count = 0.0, 0.0
+  total, count, correct = 0.0, 0.0, 0.0
   for batch in iterator:
     batch = _device_batch(batch, batch_sharding)
-    loss_sum, n = eval_step(params, batch)
-    total, count = total + float(loss_sum), count + float(n)
+    loss_sum, n, right = eval_step(params, batch)
+    total, count, correct = total + float(loss_sum), count + float(n), correct + float(right)
   if count == 0:
     raise ValueError("the validation split produced no tokens; lower data.seq_len or raise "
                      "data.validation_fraction")
   loss = total / count
-  return {"eval_loss": loss, "eval_bits_per_token": loss / math.log(2)}
+  return {"eval_loss": loss, "eval_bits_per_token": loss / math.log(2),
+          "eval_accuracy": correct / count}
 
 
 def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -245,7 +246,8 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
         results = evaluate(eval_step, state["params"], config, batch_sharding)
         writer.scalars(step, results)
         log(f"eval at step {step}: loss {results['eval_loss']:.4f}, "
-            f"{results['eval_bits_per_token']:.4f} {unit}")
+            f"{results['eval_bits_per_token']:.4f} {unit}, accuracy "
+            f"{results['eval_accuracy']:.4f}")
         interval_start = time.perf_counter()
       save(step, metrics)
       if preempt_at_step == step:
@@ -270,7 +272,8 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   if jax.process_index() == 0:
     plot_loss_curves(writer.jsonl_path, png, title=f"{','.join(model_config.pattern)} LM")
   log(f"done: step {step}, eval loss {results['eval_loss']:.4f} = "
-      f"{results['eval_bits_per_token']:.4f} {unit}")
+      f"{results['eval_bits_per_token']:.4f} {unit}, next-token accuracy "
+      f"{results['eval_accuracy']:.4f}")
   log(f"checkpoints: {checkpointer.directory}\n"
       f"logs (TensorBoard): {os.path.dirname(writer.jsonl_path)}\nloss curve: {png}")
   summary.update(step=step, png=png, **results)
