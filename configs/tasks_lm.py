@@ -41,22 +41,8 @@ TASKS = ("mqar", "needle")
 DEFAULT_LENGTH = {"mqar": 128, "needle": 512}
 
 
-def _parse(arg: str) -> dict[str, str]:
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"config argument {item!r} must be key=value (in {arg!r})")
-    out[key.strip()] = value.strip()
-  unknown = set(out) - set(_BASE_ARGS) - set(_TASK_ARGS)
-  if unknown:
-    raise ValueError(f"unknown config arguments {sorted(unknown)} in {arg!r}; expected "
-                     f"{_BASE_ARGS + _TASK_ARGS}")
-  return out
-
-
 def get_config(arg: str = "") -> config_dict.ConfigDict:
-  args = _parse(arg)
+  args = tnt_lm.parse_args(arg, _BASE_ARGS + _TASK_ARGS)
   task = args.get("task", "mqar")
   if task not in TASKS:
     raise ValueError(f"task={task!r} must be one of {TASKS}")

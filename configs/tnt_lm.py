@@ -40,17 +40,21 @@ SIZES = {
 }
 
 
-def _parse(arg: str) -> dict[str, str]:
+ARGS = ("size", "mixer", "chunk", "local_chunks", "stage", "data", "stage2_chunks")
+
+
+def parse_args(arg: str, allowed=ARGS) -> dict[str, str]:
+  """"k=v,k=v" -> {k: v}; a key outside `allowed` is an error naming it."""
   out = {}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep:
       raise ValueError(f"config argument {item!r} must be key=value (in {arg!r})")
     out[key.strip()] = value.strip()
-  unknown = set(out) - {"size", "mixer", "chunk", "local_chunks", "stage", "data",
-                        "stage2_chunks"}
+  unknown = set(out) - set(allowed)
   if unknown:
-    raise ValueError(f"unknown config arguments {sorted(unknown)} in {arg!r}")
+    raise ValueError(f"unknown config arguments {sorted(unknown)} in {arg!r}; expected "
+                     f"{tuple(allowed)}")
   return out
 
 
@@ -70,7 +74,7 @@ def _mixer_options(kinds, size, chunk, local_chunks):
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
-  args = _parse(arg)
+  args = parse_args(arg)
   size_name = args.get("size", "tiny")
   if size_name not in SIZES:
     raise ValueError(f"size={size_name!r} is unknown; expected one of {tuple(SIZES)}")

@@ -1,0 +1,91 @@
+"""Context-parallel TNT op == the single-device op: outputs, global state and all gradients
+(float32, 1e-5 relative), on the simulated CPU devices (tests/conftest.py: 4)."""
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.helpers import assert_trees_rel_close
+from tests.ops.test_tnt import GLOBAL, tnt_inputs
+from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
+from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
+from tnt_jax.parallel.context import check_context_split, context_parallel_tnt_op, previous_tokens
+
+LOCALS = (
+    LocalMemory(MemoryConfig(MemoryModel("mlp", expansion=2.0), UpdateRule("titans"), "l2",
+                             "cumulative", 2), shard_length=4),
+    LocalMemory(MemoryConfig(MemoryModel("swiglu", expansion=2.0),
+                             UpdateRule("lact", momentum=True), "l2", "chunk_start", 2),
+                # 4 chunks a shard, so the momentum gate has a gradient (see tests/ops/test_tnt)
+                shard_length=8),
+)
+
+
+def _mesh(shape, names):
+  devices = np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape)
+  return jax.sharding.Mesh(devices, names)
+
+
+class ContextParallelTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # (context devices, data devices, length): slices of 8 = 1-2 local shards per device;
+      # 16 tokens per device = several shards; global chunk 8 crosses nothing or everything.
+      ("context2", 2, 1, 16, 2),
+      ("context4_one_shard_each", 4, 1, 32, 2),
+      ("context4_several_shards", 4, 1, 64, 1),
+      ("data2_context2", 2, 2, 32, 2),
+  )
+  def test_equals_single_device_op(self, context, data, length, num_locals):
+    config = TNTConfig(GLOBAL, LOCALS[:num_locals], qk_projection=True)
+    args = tnt_inputs(config, length, seed=context + data, dtype=jnp.float32)
+    batch_axes = "data" if data > 1 else None
+    mesh = _mesh((data, context), ("data", "context"))
+
+    def run(fn):
+      outputs, vjp = jax.vjp(fn, *args)
+      leaves, treedef = jax.tree.flatten(outputs)
+      keys = jax.random.split(jax.random.key(3), len(leaves))
+      cot = jax.tree.unflatten(treedef, [jax.random.normal(key, x.shape, x.dtype)
+                                         for key, x in zip(keys, leaves)])
+      return outputs, vjp(cot)
+
+    single = jax.jit(lambda: run(lambda *a: tnt_op(*a, config)))()
+    parallel = jax.jit(lambda: run(lambda *a: context_parallel_tnt_op(
+        *a, config, mesh, batch_axes=batch_axes)))()
+    (out, state), grads = parallel
+    (ref_out, ref_state), ref_grads = single
+    assert_trees_rel_close(self, out, ref_out, 1e-5, "output")
+    assert_trees_rel_close(self, state, ref_state, 1e-5, "global_state")
+    for name, g, r in zip(("q", "k", "v", "gates", "global_state", "local_init", "slows"),
+                          grads, ref_grads):
+      assert_trees_rel_close(self, g, r, 1e-5, f"d_{name}")
+
+  def test_misaligned_split_raises_before_tracing(self):
+    config = TNTConfig(GLOBAL, LOCALS, qk_projection=True)
+    with self.assertRaisesRegex(ValueError, r"T=30 does not split over 4"):
+      check_context_split(30, 4, config)
+    with self.assertRaisesRegex(ValueError, r"= 12 is not a multiple of local 1's shard length "
+                                            r"S_L=8"):
+      check_context_split(24, 2, config)
+    args = tnt_inputs(config, 24, seed=0, dtype=jnp.float32)
+    with self.assertRaisesRegex(ValueError, "S_L=8"):
+      context_parallel_tnt_op(*args, config, _mesh((2,), ("context",)))
+    with self.assertRaisesRegex(ValueError, "no context axis 'seq'"):
+      context_parallel_tnt_op(*args, config, _mesh((2,), ("context",)), axis="seq")
+
+  def test_previous_tokens_is_the_halo(self):
+    mesh = _mesh((4,), ("context",))
+    x = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 3)
+    halo = jax.shard_map(lambda x: previous_tokens(x, 2, "context"), mesh=mesh,
+                         in_specs=jax.sharding.PartitionSpec(None, "context"),
+                         out_specs=jax.sharding.PartitionSpec(None, "context"))(x)
+    # device d's halo: tokens 4d - 2, 4d - 1 (zeros for d = 0)
+    want = jnp.concatenate([jnp.zeros((2, 2, 3))] + [x[:, 4 * d - 2:4 * d] for d in (1, 2, 3)],
+                           axis=1)
+    np.testing.assert_array_equal(halo, want)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,114 @@
+"""Context parallelism: the TNT op with the sequence split over a mesh axis (jax.shard_map).
+
+    out, global_state = context_parallel_tnt_op(q, k, v, gates, global_state, local_inits,
+                                                slows, config, mesh, axis="context")
+
+Device d of the `axis` holds tokens [d L, (d + 1) L) of every sequence, L = T / devices.
+
+- Local memories: L must be a multiple of every local shard length S_L, so every shard lies on
+  one device; each device runs its shards (reset to W_init, Q-K projection included) with no
+  communication at all. This is why TNT resets its locals.
+- Global memory: its state crosses device boundaries. Each device all-gathers the sequence's
+  q, k, v and global gates (activations of size T x d, small next to the locals' work) and runs
+  the global memory's chunk scan itself, keeping its own slice of the outputs. The alternative,
+  a ppermute chain that hands the state from device to device, makes device d wait for the d
+  before it: D sequential slice scans on the critical path, the same work as one full scan but
+  with D - 1 communication latencies in it and no overlap. With C_G = 2048 the global scan is a
+  few large, matmul-bound chunks, so the redundant scan is expected to be the cheaper of the
+  two; the 2-GPU measurement that should confirm this is still to be made (issue 7).
+- Gradients flow through all of it (all_gather's transpose is a reduce-scatter), so the same
+  function serves training.
+
+Batch dimensions may be split over other mesh axes at the same time (`batch_axes`), e.g. a
+(data, context) mesh. Halo exchange for the causal convolutions and sliding-window attention of
+the layers around the op is `previous_tokens` below.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from tnt_jax.memory.rules import Gates, MemoryState
+from tnt_jax.ops.api import memory_op
+from tnt_jax.ops.tnt import TNTConfig, local_memory_op
+
+Array = jax.Array
+
+
+def check_context_split(length: int, devices: int, config: TNTConfig) -> int:
+  """The per-device slice length, or a ValueError naming the value and the rule."""
+  if devices < 1:
+    raise ValueError(f"context axis size={devices} must be >= 1")
+  if length % devices:
+    raise ValueError(f"sequence length T={length} does not split over {devices} context "
+                     f"devices (T must be a multiple of the context axis size)")
+  slice_len = length // devices
+  for i, local in enumerate(config.local_memories):
+    if slice_len % local.shard_length:
+      raise ValueError(f"context slice T / devices = {length} / {devices} = {slice_len} is not "
+                       f"a multiple of local {i}'s shard length S_L={local.shard_length}: every "
+                       "local shard must lie on one device")
+  return slice_len
+
+
+def previous_tokens(x_BxLx_: Array, count: int, axis: str) -> Array:
+  """The last `count` tokens of the previous device's slice along `axis` (zeros on device 0):
+  the halo a causal convolution (count = width - 1) or a sliding window (count = window - 1)
+  needs. Inside shard_map; count must not exceed the slice length."""
+  if count > x_BxLx_.shape[1]:
+    raise ValueError(f"halo of {count} tokens exceeds the per-device slice of "
+                     f"{x_BxLx_.shape[1]}: use fewer context devices or a shorter window")
+  devices = jax.lax.axis_size(axis)
+  tail = x_BxLx_[:, x_BxLx_.shape[1] - count:]
+  moved = jax.lax.ppermute(tail, axis, [(d, d + 1) for d in range(devices - 1)])
+  first = jax.lax.axis_index(axis) == 0
+  return jnp.where(first, jnp.zeros_like(moved), moved)
+
+
+def _spec(batch_axes, *rest):
+  return P(batch_axes, *rest)
+
+
+def context_parallel_tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,
+                            gates: Sequence[Gates], global_state: MemoryState,
+                            local_initial_weights: Sequence[dict], slows: Sequence[dict],
+                            config: TNTConfig, mesh: jax.sharding.Mesh, *, axis: str = "context",
+                            batch_axes=None, implementation: str = "xla", remat: bool = False
+                            ) -> tuple[Array, MemoryState]:
+  """tnt_op (ops/tnt.py) with the sequence split over mesh axis `axis`; same results."""
+  if axis not in mesh.shape:
+    raise ValueError(f"mesh axes {tuple(mesh.shape)} have no context axis {axis!r}")
+  check_context_split(q_BxTxHxD.shape[1], mesh.shape[axis], config)
+  seq = _spec(batch_axes, axis)
+  gate_spec = lambda g: Gates(*(None if x is None else seq for x in g))
+  replicated = lambda tree: jax.tree.map(lambda _: P(), tree)
+  in_specs = (seq, seq, seq, tuple(gate_spec(g) for g in gates),
+              jax.tree.map(lambda _: _spec(batch_axes), global_state),
+              replicated(tuple(local_initial_weights)), replicated(tuple(slows)))
+  out_specs = (seq, jax.tree.map(lambda _: _spec(batch_axes), global_state))
+
+  def per_device(q, k, v, gates, state, inits, slows):
+    gather = lambda x: None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
+    g_out, state = memory_op(gather(q), gather(k), gather(v), Gates(*map(gather, gates[0])),
+                             state, slows[0], config.global_memory,
+                             implementation=implementation, remat=remat)
+    slice_len = q.shape[1]
+    out = jax.lax.dynamic_slice_in_dim(g_out, jax.lax.axis_index(axis) * slice_len, slice_len,
+                                       axis=1)
+    for i, local in enumerate(config.local_memories):
+      out = out + local_memory_op(q, k, v, gates[i + 1], inits[i], slows[i + 1], local,
+                                  config.qk_projection, implementation, remat)
+    return out, state
+
+  # check_vma=False: the memory scans start from replicated states (W_init, the global state) and
+  # mix in per-device tokens, which the varying-axes type check rejects at the scan carry; the
+  # global state that comes out is the same on every context device by construction (each
+  # scans the same gathered sequence), so reading it from one device is exact.
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                     check_vma=False)
+  return fn(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, tuple(gates), global_state,
+            tuple(local_initial_weights), tuple(slows))
