@@ -89,3 +89,44 @@ class ContextParallelTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class ContextParallelModelTest(parameterized.TestCase):
+  """The LM's loss sums and parameter gradients with the sequence over a context axis equal the
+  single-device ones: conv halos, SWA halos and full attention's gathers included."""
+
+  @parameterized.named_parameters(
+      ("tnt_context4", ("tnt",), 1, 4),
+      ("swa_tnt_data2_context2", ("swa", "tnt"), 2, 2),
+      ("attention_titans_data2_context2", ("attention", "titans"), 2, 2),
+  )
+  def test_loss_and_gradients_equal_single_device(self, pattern, data, context):
+    from flax import nnx
+    from tnt_jax.models import LMConfig, LanguageModel
+    from tnt_jax.parallel import mesh as mesh_lib
+    from tnt_jax.train.step import ModelFunctions, token_losses
+
+    config = LMConfig(vocab_size=13, d_model=16, num_layers=2, num_heads=2, pattern=pattern,
+                      mixer_options={"tnt": dict(global_chunk=8, local_chunks=(2,),
+                                                 shard_lengths=8),
+                                     "titans": dict(chunk_size=4)},
+                      window=6, dtype="float32")
+    model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
+    params = model.initial_params()
+    rng = np.random.default_rng(0)
+    length = 8 * context * 2                     # two local shards per device
+    batch = {"inputs": jnp.asarray(rng.integers(0, 13, (2, length)), jnp.int32),
+             "targets": jnp.asarray(rng.integers(0, 13, (2, length)), jnp.int32),
+             "loss_mask": jnp.asarray(rng.random((2, length)) > 0.2, jnp.float32)}
+    mesh = mesh_lib.make_mesh(data, 1, context)
+
+    def loss(params, mesh):
+      total, count, correct = token_losses(model, params, batch, with_correct=True, mesh=mesh)
+      return total / count, (total, count, correct)
+
+    grad = lambda mesh: jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, mesh)
+    (g_single, sums_single), (g_parallel, sums_parallel) = grad(None), grad(mesh)
+    self.assertEqual(float(sums_parallel[1]), float(sums_single[1]))
+    self.assertEqual(float(sums_parallel[2]), float(sums_single[2]))
+    assert_trees_rel_close(self, sums_parallel[0], sums_single[0], 1e-5, "loss sum")
+    assert_trees_rel_close(self, g_parallel, g_single, 1e-5, "grad")

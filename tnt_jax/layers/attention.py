@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tnt_jax.parallel.context import previous_tokens
+
 Array = jax.Array
 
 
@@ -76,9 +78,14 @@ class Attention(nnx.Module):
     o = o_BxTxHxD.reshape(b, t, self.config.num_heads * self.config.head_dim)
     return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
 
-  def __call__(self, x_BxTxD: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, context_axis: str | None = None) -> Array:
+    """context_axis: inside shard_map with the sequence split over that mesh axis; x is this
+    device's slice. SWA takes the previous device's last window - 1 keys (a halo), full
+    attention all-gathers the keys and values."""
     c = self.config
     x = x_BxTxD.astype(self.dtype)
+    if context_axis is not None:
+      return self._context_parallel(x, context_axis)
     q, k, v = self._project(x, jnp.arange(x.shape[1]))
     impl = c.implementation
     if impl == "auto":
@@ -88,6 +95,37 @@ class Attention(nnx.Module):
     o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                      implementation=impl)
     return self._output(o, x)
+
+  def _attend(self, q, positions, keys, values, key_pos):
+    """Causal (and windowed) softmax attention of queries at `positions` over keys at
+    `key_pos` (< 0: an empty slot), in float32."""
+    c = self.config
+    visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None])
+    if c.window is not None:
+      visible &= key_pos[None, :] > positions[:, None] - c.window
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=acc)
+    scores = jnp.where(visible, scores / jnp.sqrt(c.head_dim).astype(acc), -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(q.dtype), values,
+                      preferred_element_type=acc).astype(q.dtype)
+
+  def _context_parallel(self, x, axis):
+    c = self.config
+    length = x.shape[1]
+    start = jax.lax.axis_index(axis) * length
+    positions = start + jnp.arange(length, dtype=jnp.int32)
+    q, k, v = self._project(x, positions)
+    if c.window is None:
+      gather = lambda y: jax.lax.all_gather(y, axis, axis=1, tiled=True)
+      keys, values = gather(k), gather(v)
+      key_pos = jnp.arange(keys.shape[1], dtype=jnp.int32)
+    else:
+      halo = c.window - 1
+      keys = jnp.concatenate([previous_tokens(k, halo, axis), k], axis=1)
+      values = jnp.concatenate([previous_tokens(v, halo, axis), v], axis=1)
+      key_pos = jnp.concatenate([start - halo + jnp.arange(halo, dtype=jnp.int32), positions])
+    return self._output(self._attend(q, positions, keys, values, key_pos), x)
 
   # --- streaming and decoding: a KV cache, a ring of the last `window` keys for SWA ---
 
@@ -119,15 +157,7 @@ class Attention(nnx.Module):
     keys = jnp.concatenate([cache["k"], k], axis=1)
     values = jnp.concatenate([cache["v"], v], axis=1)
     key_pos = jnp.concatenate([cache["slot_pos"], positions])
-    visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None])
-    if c.window is not None:
-      visible &= key_pos[None, :] > positions[:, None] - c.window
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=acc)
-    scores = jnp.where(visible, scores / jnp.sqrt(c.head_dim).astype(acc), -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    o = jnp.einsum("bhts,bshd->bthd", probs.astype(x.dtype), values,
-                   preferred_element_type=acc).astype(x.dtype)
+    o = self._attend(q, positions, keys, values, key_pos)
     keep = min(t, slots)              # only the last `slots` new keys can be seen again
     write = (positions[t - keep:] % slots)
     cache = {"k": cache["k"].at[:, write].set(k[:, t - keep:]),

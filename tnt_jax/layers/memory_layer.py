@@ -17,6 +17,8 @@ parameters of this layer.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +31,7 @@ from tnt_jax.memory.rules import Gates
 from tnt_jax.ops.decode import (alignment, carry_state, init_decode_state, tnt_decode_step,
                                tnt_prefill)
 from tnt_jax.ops.tnt import tnt_op
+from tnt_jax.parallel.context import previous_tokens, tnt_op_in_context
 
 Array = jax.Array
 GATE_ORDER = ("theta", "eta", "alpha")
@@ -97,15 +100,18 @@ class MemoryLayer(nnx.Module):
     self.out_proj = nnx.Linear(inner, d, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
 
-  def qkv(self, x_BxTxD: Array, history: dict | None = None):
-    """q, k, v [B, T, H, D]; with `history` (the conv inputs before x) also the next history."""
+  def qkv(self, x_BxTxD: Array, history: dict | None = None, halo_axis: str | None = None):
+    """q, k, v [B, T, H, D]; with `history` (the conv inputs before x) also the next history.
+    halo_axis: context parallelism: the conv inputs before x come from the previous device."""
     b, t, _ = x_BxTxD.shape
     heads = lambda y: y.reshape(b, t, self.config.num_heads, self.config.head_dim)
     out, new_history = {}, {}
     for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
                              ("v", self.v_proj, self.v_conv)):
       x = proj(x_BxTxD)
-      if history is None:
+      if halo_axis is not None:
+        y, _ = conv.extend(x, previous_tokens(x, conv.width - 1, halo_axis))
+      elif history is None:
         y = conv(x)
       else:
         y, new_history[name] = conv.extend(x, history[name])
@@ -129,14 +135,18 @@ class MemoryLayer(nnx.Module):
       raise ValueError(f"memory layer input must be [batch, time, d_model="
                        f"{self.config.d_model}], got shape {tuple(x_BxTxD.shape)}")
 
-  def __call__(self, x_BxTxD: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, context_axis: str | None = None) -> Array:
+    """context_axis: inside shard_map with the sequence split over that mesh axis (context
+    parallelism, tnt_jax/parallel/context.py); x is this device's slice."""
     self._check_input(x_BxTxD)
     x = x_BxTxD.astype(self.dtype)
-    q, k, v = self.qkv(x)
+    q, k, v = self.qkv(x, halo_axis=context_axis)
     gates, weights, slows = self._memory_inputs(x)
     global_state = self.tnt.global_memory.init_state(weights[0], x.shape[0])
-    o_BxTxHxD, _ = tnt_op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
-                          implementation=self.config.implementation, remat=self.config.remat)
+    op = tnt_op if context_axis is None else functools.partial(tnt_op_in_context,
+                                                               axis=context_axis)
+    o_BxTxHxD, _ = op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
+                      implementation=self.config.implementation, remat=self.config.remat)
     return self._output(o_BxTxHxD, x)
 
   # --- streaming and decoding (SPEC §2.2) ---

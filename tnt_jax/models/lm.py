@@ -29,8 +29,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model)
     self.mlp = SwiGLU(config.d_model, config.mlp_hidden, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x_BxTxD: Array) -> Array:
-    x = x_BxTxD + self.mixer(self.mixer_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+  def __call__(self, x_BxTxD: Array, context_axis: str | None = None) -> Array:
+    y = self.mixer(self.mixer_norm(x_BxTxD), context_axis=context_axis)
+    x = x_BxTxD + y.astype(x_BxTxD.dtype)
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
   def extend(self, x_BxTxD: Array, cache: dict) -> tuple[Array, dict]:
@@ -66,14 +67,16 @@ class LanguageModel(nnx.Module):
       logits = self.head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens_BxT: Array) -> Array:
+  def __call__(self, tokens_BxT: Array, context_axis: str | None = None) -> Array:
+    """context_axis: inside shard_map with the sequence split over that mesh axis (context
+    parallelism): tokens are this device's slice, and so are the logits."""
     self._check_tokens(tokens_BxT)
     x = self.embed(tokens_BxT)
     for block in self.blocks:
       if self.config.remat:
-        x = nnx.remat(lambda block, x: block(x))(block, x)
+        x = nnx.remat(lambda block, x: block(x, context_axis))(block, x)
       else:
-        x = block(x)
+        x = block(x, context_axis)
     return self._logits(x)
 
   # --- streaming and decoding (models/decoding.py wraps these with checks and jit) ---

@@ -69,6 +69,27 @@ def previous_tokens(x_BxLx_: Array, count: int, axis: str) -> Array:
   return jnp.where(first, jnp.zeros_like(moved), moved)
 
 
+def tnt_op_in_context(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array,
+                      gates: Sequence[Gates], global_state: MemoryState,
+                      local_initial_weights: Sequence[dict], slows: Sequence[dict],
+                      config: TNTConfig, axis: str, *, implementation: str = "xla",
+                      remat: bool = False) -> tuple[Array, MemoryState]:
+  """Inside shard_map: this device's slice of tnt_op's outputs (see the module doc), and the
+  global memory's final state (the same on every device of `axis`)."""
+  gather = lambda x: None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
+  g_out, state = memory_op(gather(q_BxLxHxD), gather(k_BxLxHxD), gather(v_BxLxHxD),
+                           Gates(*map(gather, gates[0])), global_state, slows[0],
+                           config.global_memory, implementation=implementation, remat=remat)
+  slice_len = q_BxLxHxD.shape[1]
+  out = jax.lax.dynamic_slice_in_dim(g_out, jax.lax.axis_index(axis) * slice_len, slice_len,
+                                     axis=1)
+  for i, local in enumerate(config.local_memories):
+    out = out + local_memory_op(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, gates[i + 1],
+                                local_initial_weights[i], slows[i + 1], local,
+                                config.qk_projection, implementation, remat)
+  return out, state
+
+
 def _spec(batch_axes, *rest):
   return P(batch_axes, *rest)
 
@@ -92,17 +113,8 @@ def context_parallel_tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array
   out_specs = (seq, jax.tree.map(lambda _: _spec(batch_axes), global_state))
 
   def per_device(q, k, v, gates, state, inits, slows):
-    gather = lambda x: None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
-    g_out, state = memory_op(gather(q), gather(k), gather(v), Gates(*map(gather, gates[0])),
-                             state, slows[0], config.global_memory,
+    return tnt_op_in_context(q, k, v, gates, state, inits, slows, config, axis,
                              implementation=implementation, remat=remat)
-    slice_len = q.shape[1]
-    out = jax.lax.dynamic_slice_in_dim(g_out, jax.lax.axis_index(axis) * slice_len, slice_len,
-                                       axis=1)
-    for i, local in enumerate(config.local_memories):
-      out = out + local_memory_op(q, k, v, gates[i + 1], inits[i], slows[i + 1], local,
-                                  config.qk_projection, implementation, remat)
-    return out, state
 
   # check_vma=False: the memory scans start from replicated states (W_init, the global state) and
   # mix in per-device tokens, which the varying-axes type check rejects at the scan carry; the

@@ -1,8 +1,10 @@
-"""The training mesh (`data`, `fsdp` axes) and the shardings of batches and parameters.
+"""The training mesh (`data`, `fsdp`, `context` axes) and the shardings of batches and parameters.
 
-Batches are split over both axes (every device holds a slice of the batch). Parameters are
-replicated over `data` and, when fsdp > 1, each is split over `fsdp` along its largest axis that
-the fsdp size divides (small or indivisible ones stay replicated); XLA inserts the gathers.
+Batch rows are split over `data` and `fsdp`; the sequence dimension over `context` (context
+parallelism, tnt_jax/parallel/context.py: each device holds a contiguous slice of every
+sequence). Parameters are replicated over `data` and `context` and, when fsdp > 1, each is split
+over `fsdp` along its largest axis that the fsdp size divides (small or indivisible ones stay
+replicated); XLA inserts the gathers.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import math
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", "context")
+BATCH_AXES = ("data", "fsdp")
 
 
-def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+def mesh_shape(data: int, fsdp: int, num_devices: int, context: int = 1
+               ) -> tuple[int, int, int]:
   """Resolve -1 (fill the remaining devices) and check the product against the devices."""
-  sizes = {"data": data, "fsdp": fsdp}
+  sizes = {"data": data, "fsdp": fsdp, "context": context}
+  shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
   fill = [name for name, size in sizes.items() if size == -1]
   if len(fill) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}")
+    raise ValueError(f"at most one mesh axis may be -1, got {shown}")
   for name, size in sizes.items():
     if size != -1 and (not isinstance(size, int) or size < 1):
       raise ValueError(f"mesh {name}={size!r} must be an integer >= 1 or -1")
@@ -28,21 +33,23 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   if fill:
     if num_devices % known:
       raise ValueError(f"{num_devices} devices do not divide over the fixed mesh axes "
-                       f"(data={data}, fsdp={fsdp})")
+                       f"({shown})")
     sizes[fill[0]] = num_devices // known
-  if sizes["data"] * sizes["fsdp"] != num_devices:
-    raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} must use all "
-                     f"{num_devices} devices")
-  return sizes["data"], sizes["fsdp"]
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError("mesh " + " x ".join(f"{k}={v}" for k, v in sizes.items() if
+                                          k != "context" or v != 1) +
+                     f" must use all {num_devices} devices")
+  return sizes["data"], sizes["fsdp"], sizes["context"]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
-  shape = mesh_shape(data, fsdp, jax.device_count())
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1) -> jax.sharding.Mesh:
+  shape = mesh_shape(data, fsdp, jax.device_count(), context)
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(AXES))
+  """Rows over data x fsdp, the sequence over context."""
+  return NamedSharding(mesh, P(BATCH_AXES, "context"))
 
 
 def check_batch_divides(batch_size: int, mesh: jax.sharding.Mesh) -> None:

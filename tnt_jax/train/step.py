@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
 from tnt_jax.models.lm import LanguageModel
+from tnt_jax.parallel.mesh import BATCH_AXES
 
 
 class ModelFunctions:
@@ -20,16 +23,43 @@ class ModelFunctions:
   def initial_params(self) -> dict:
     return nnx.to_pure_dict(self.template)
 
-  def apply(self, params: dict, tokens_BxT: jax.Array) -> jax.Array:
+  def apply(self, params: dict, tokens_BxT: jax.Array, context_axis: str | None = None
+            ) -> jax.Array:
     state = jax.tree.map(lambda x: x, self.template)   # a fresh container to fill
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state, self.rest)(tokens_BxT)
+    return nnx.merge(self.graphdef, state, self.rest)(tokens_BxT, context_axis=context_axis)
 
 
-def token_losses(model: ModelFunctions, params, batch, with_correct: bool = False):
+def token_losses(model: ModelFunctions, params, batch, with_correct: bool = False,
+                 mesh: jax.sharding.Mesh | None = None):
   """Summed next-token cross-entropy (nats) and the number of scored tokens [and how many of
-  them the argmax predicts]."""
-  logits = model.apply(params, batch["inputs"])
+  them the argmax predicts]. With a mesh whose `context` axis has more than one device, the
+  model runs context-parallel (tnt_jax/parallel/context.py) under shard_map."""
+  if mesh is not None and mesh.shape.get("context", 1) > 1:
+    return _context_parallel_losses(model, params, batch, with_correct, mesh)
+  return _losses(model.apply(params, batch["inputs"]), batch, with_correct)
+
+
+def _context_parallel_losses(model, params, batch, with_correct, mesh):
+  batch = {k: batch[k] for k in ("inputs", "targets", "loss_mask")}
+  seq = P(BATCH_AXES, "context")
+
+  def per_device(params, batch):
+    logits = model.apply(params, batch["inputs"], context_axis="context")
+    return tuple(x[None] for x in _losses(logits, batch, with_correct))
+
+  # Each device returns its partial sums ([1] each, stacked over all devices) and they are
+  # added outside: no psum inside, so the gradient of the replicated parameters is the plain
+  # sum of the devices' contributions (shard_map's transpose of a replicated input).
+  per_device_sums = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(jax.tree.map(lambda _: P(), params),
+                                       {k: seq for k in batch}),
+      out_specs=tuple(P(BATCH_AXES + ("context",)) for _ in range(3 if with_correct else 2)),
+      check_vma=False)(params, batch)
+  return tuple(jnp.sum(x) for x in per_device_sums)
+
+
+def _losses(logits, batch, with_correct):
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   # where, not a product: a padded position's loss must not reach the sum even if it is NaN.
@@ -40,10 +70,11 @@ def token_losses(model: ModelFunctions, params, batch, with_correct: bool = Fals
   return total, count, jnp.sum(right.astype(jnp.float32))
 
 
-def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformation):
+def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None):
 
   def loss_fn(params, batch):
-    total, count = token_losses(model, params, batch)
+    total, count = token_losses(model, params, batch, mesh=mesh)
     return total / jnp.maximum(count, 1.0)
 
   def train_step(state, batch):
@@ -56,10 +87,10 @@ def make_train_step(model: ModelFunctions, optimizer: optax.GradientTransformati
   return train_step
 
 
-def make_eval_step(model: ModelFunctions):
+def make_eval_step(model: ModelFunctions, mesh: jax.sharding.Mesh | None = None):
 
   def eval_step(params, batch):
     """(summed loss, scored tokens, argmax-correct tokens)."""
-    return token_losses(model, params, batch, with_correct=True)
+    return token_losses(model, params, batch, with_correct=True, mesh=mesh)
 
   return eval_step
