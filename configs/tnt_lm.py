@@ -133,7 +133,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.95, 1e-8
   c.optim.clip_norm = 1.0
 
-  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1))
+  # context > 1: each sequence split over that many devices (TNT's local shards per device;
+  # tnt_jax/parallel/context.py); data = -1 takes the remaining devices.
+  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, context=1))
 
   if stage == 2:
     if "tnt" not in kinds:

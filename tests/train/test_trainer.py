@@ -86,6 +86,17 @@ class TrainerTest(absltest.TestCase):
     self.assertEqual({s: resumed[s] for s in range(3, 7)}, {s: full[s] for s in range(3, 7)})
     self.assertEqual(second["eval_loss"], self.full["eval_loss"])
 
+  def test_context_parallel_training_follows_the_single_device_run(self):
+    """mesh data=2 x context=2 (each sequence over two devices, one TNT shard each): the same
+    losses as the data-parallel run up to float32 reduction order."""
+    workdir = os.path.join(self.root, "context")
+    result = train_and_evaluate(tiny_config(**{"mesh.context": 2}), workdir)
+    full, parallel = train_losses(self.full_dir), train_losses(workdir)
+    self.assertEqual(sorted(parallel), sorted(full))
+    np.testing.assert_allclose([parallel[s] for s in sorted(full)],
+                               [full[s] for s in sorted(full)], rtol=1e-4)
+    np.testing.assert_allclose(result["eval_loss"], self.full["eval_loss"], rtol=1e-4)
+
   def test_stage_two_trains_only_local_memories(self):
     workdir = os.path.join(self.root, "stage2")
     config = tiny_config("stage=2", steps=2, checkpoint_every=2,
@@ -137,6 +148,15 @@ class BadInputTest(absltest.TestCase):
   def test_batch_that_does_not_divide_over_the_mesh(self):
     config = tiny_config(**{"data.batch_size": 3})
     with self.assertRaisesRegex(ValueError, r"batch_size=3 does not divide over the mesh"):
+      train_and_evaluate(config, tempfile.mkdtemp())
+
+  def test_context_split_that_cuts_a_local_shard(self):
+    config = tiny_config(**{"mesh.context": 4})   # 32 tokens / 4 = 8 < S_L = 16
+    with self.assertRaisesRegex(ValueError, r"= 8 is not a multiple of local 0's shard length "
+                                            r"S_L=16"):
+      train_and_evaluate(config, tempfile.mkdtemp())
+    config = tiny_config("mixer=swa", **{"mesh.context": 4, "model.window": 12})
+    with self.assertRaisesRegex(ValueError, r"SWA window 12 needs 11 tokens"):
       train_and_evaluate(config, tempfile.mkdtemp())
 
   def test_mesh_axes_must_use_every_device(self):

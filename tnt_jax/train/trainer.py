@@ -23,9 +23,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tnt_jax import data
+from tnt_jax.layers.attention import AttentionConfig
 from tnt_jax.models import LanguageModel, LMConfig, param_summary
 from tnt_jax.models.flops import lm_train_flops
 from tnt_jax.parallel import mesh as mesh_lib
+from tnt_jax.parallel.context import check_context_split
 from tnt_jax.train import checkpoint as ckpt_lib
 from tnt_jax.train.metrics import MetricWriter, format_progress, plot_loss_curves
 from tnt_jax.train.optimizer import is_local_memory_param, make_optimizer
@@ -83,6 +85,25 @@ def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
                      f"{model_config.pattern} has no 'tnt' mixer")
 
 
+def _check_context_split(seq_len: int, context: int, model_config: LMConfig) -> None:
+  """Before anything compiles: the sequence splits over the context axis into whole local
+  shards of every TNT layer, and every SWA halo fits in one device's slice."""
+  if context == 1:
+    return
+  if seq_len % context:
+    raise ValueError(f"data.seq_len={seq_len} does not split over mesh.context={context} "
+                     "devices (it must be a multiple)")
+  for layer in range(model_config.num_layers):
+    mixer = model_config.mixer_config(layer)
+    if isinstance(mixer, AttentionConfig):
+      if mixer.window is not None and mixer.window - 1 > seq_len // context:
+        raise ValueError(f"SWA window {mixer.window} needs {mixer.window - 1} tokens of the "
+                         f"previous device, more than its slice of {seq_len // context} "
+                         f"(seq_len={seq_len} over context={context})")
+    else:
+      check_context_split(seq_len, context, mixer.memory_config())
+
+
 def _is_finite(metrics) -> bool:
   return all(math.isfinite(float(v)) for v in jax.device_get(metrics).values())
 
@@ -134,8 +155,9 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   data_cfg = data_config(config)
   vocab = data.vocab_info(data_cfg)
   model_config = lm_config(config, vocab.vocab_size)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("context", 1))
   mesh_lib.check_batch_divides(data_cfg.batch_size, mesh)
+  _check_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every)
@@ -195,10 +217,10 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   start = int(jax.device_get(state["step"]))
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, optimizer), donate_argnums=0,
+  train_step = jax.jit(make_train_step(model, optimizer, mesh), donate_argnums=0,
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, NamedSharding(mesh, P())))
-  eval_step = jax.jit(make_eval_step(model))
+  eval_step = jax.jit(make_eval_step(model, mesh))
   metadata = {"config": config.to_dict(), "model_pattern": list(model_config.pattern)}
   writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)
   step_flops = lm_train_flops(model_config, data_cfg.batch_size, data_cfg.seq_len)
