@@ -4,6 +4,7 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
     python -m experiments.benchmark --mode=op --lengths=2048 --chunks=8,64 --models=mlp  # CPU
     python -m experiments.benchmark --mode=layer --lengths=2048,8192,32768 --chunks=8,16,64,128
     python -m experiments.benchmark --mode=decode --d_model=384   # per-token decode cost
+    python -m experiments.benchmark --mode=context --d_model=384  # 1 GPU at T vs N GPUs at N T
 
 Layer mode times a whole memory layer (projections, conv, gates, memories, output) for TNT
 (global C_G = --global_chunk, one local of chunk C, shards of --shard_length) against Titans
@@ -26,6 +27,7 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax import nnx
 
@@ -35,7 +37,9 @@ from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops import flops
 from tnt_jax.ops.api import memory_op
 
-flags.DEFINE_enum("mode", "op", ["op", "layer", "decode"], "what to measure")
+flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context"], "what to measure")
+flags.DEFINE_list("context_lengths", ["16384", "32768"],
+                  "context mode: tokens per GPU (one GPU runs T, N GPUs run N x T)")
 flags.DEFINE_list("decode_kinds", ["tnt", "titans", "swa", "attention"],
                   "decode mode: the mixer of every block")
 flags.DEFINE_list("positions", ["1024", "8192", "32768"], "decode mode: stream positions")
@@ -386,6 +390,98 @@ def plot_decode(rows, prefix, plt):
   print("wrote", out)
 
 
+def context_model_config(d_model: int, layers: int):
+  """A TNT LM with the paper's chunking (C_G 2048, C_L 8, S_L 2048) at the given width."""
+  from tnt_jax.models import LMConfig
+  return LMConfig(vocab_size=256, d_model=d_model, num_layers=layers,
+                  num_heads=max(1, d_model // 64), pattern=("tnt",),
+                  mixer_options={"tnt": dict(global_chunk=2048, local_chunks=(8,),
+                                             shard_lengths=2048)}, dtype="bfloat16")
+
+
+def run_context_mode(peak):
+  """Training step (loss + gradients) of a TNT LM: one GPU at T tokens against all GPUs with
+  the sequence split over a context axis at N x T. Communication is estimated by timing the
+  same collectives alone (per layer: all-gathers of q, k, v and the global gates, conv halos;
+  forward and backward)."""
+  from jax.sharding import PartitionSpec as P
+  from tnt_jax.models import LanguageModel
+  from tnt_jax.models.flops import lm_train_flops
+  from tnt_jax.parallel import mesh as mesh_lib
+  from tnt_jax.parallel.context import previous_tokens
+  from tnt_jax.train.step import ModelFunctions, token_losses
+  config = context_model_config(FLAGS.d_model, FLAGS.decode_layers)
+  model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
+  params = model.initial_params()
+  n = jax.device_count()
+  single = {}
+  for length in (int(x) for x in FLAGS.context_lengths):
+    for devices in sorted({1, n}):
+      total = length * devices
+      mesh = None
+      if devices > 1:
+        grid = np.asarray(jax.devices()[:devices]).reshape(1, 1, devices)
+        mesh = jax.sharding.Mesh(grid, mesh_lib.AXES)
+      tokens = jax.random.randint(jax.random.key(0), (1, total), 0, 256)
+      batch = {"inputs": tokens, "targets": tokens, "loss_mask": jnp.ones((1, total))}
+
+      def loss(params, batch, mesh=mesh):
+        s, c = token_losses(model, params, batch, mesh=mesh)
+        return s / c
+
+      fn = jax.grad(loss)
+      row = dict(mode="context", devices=devices, length=total, tokens_per_device=length,
+                 batch=1, device=jax.devices()[0].device_kind)
+      try:
+        timed_variant(fn, (params, batch), lm_train_flops(config, 1, total), peak * devices,
+                      row)
+      except Exception as e:  # e.g. out of memory at the longest length
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        yield row
+        continue
+      if devices == 1:
+        single[length] = row["tokens_per_s"]
+      else:
+        row["efficiency"] = row["tokens_per_s"] / (devices * single[length])
+        row["comm_ms"] = 1e3 * _collectives_seconds(config, mesh, length, previous_tokens, P)
+      yield row
+
+
+def _collectives_seconds(config, mesh, length, previous_tokens, P):
+  inner = config.num_heads * (config.head_dim or config.d_model // config.num_heads)
+  heads = config.num_heads
+  x = jnp.zeros((1, length * mesh.shape["context"], inner), jnp.bfloat16)
+
+  def per_device(x):
+    total = 0.0
+    for _ in range(config.num_layers):
+      for _ in range(3):                                 # q, k, v and their conv halos
+        total += jnp.sum(jax.lax.all_gather(x, "context", axis=1, tiled=True).astype(
+            jnp.float32))
+        total += jnp.sum(previous_tokens(x, 3, "context").astype(jnp.float32))
+      gates = x[..., :3 * heads]                          # theta, eta, alpha of the global
+      total += jnp.sum(jax.lax.all_gather(gates, "context", axis=1, tiled=True).astype(
+          jnp.float32))
+    return total[None]
+
+  fn = jax.shard_map(per_device, mesh=mesh, in_specs=P(None, "context"),
+                     out_specs=P("context"), check_vma=False)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x))))
+  return median_seconds(grad, (x,), FLAGS.warmup, FLAGS.reps)
+
+
+def format_context_row(r) -> str:
+  if "error" in r:
+    return f"context {r['devices']} GPU T={r['length']}: FAILED {r['error']}"
+  extra = ""
+  if "efficiency" in r:
+    extra = (f"  scaling efficiency {100 * r['efficiency']:.0f}%  collectives alone "
+             f"{r['comm_ms']:.1f} ms ({100 * r['comm_ms'] / (1e3 * r['seconds']):.0f}% of step)")
+  return (f"context {r['devices']} GPU T={r['length']:>6} ({r['tokens_per_device']} per GPU): "
+          f"{r['tokens_per_s'] / 1e3:8.1f}K tok/s {r['seconds'] * 1e3:8.1f} ms  "
+          f"MFU {100 * r['mfu']:5.1f}%  mem {r['memory_gb']:6.2f} GB{extra}")
+
+
 def format_decode_row(r) -> str:
   return (f"decode {r['kind']:>9} batch {r['batch']:>3} position {r['position']:>6}: "
           f"{r['step_ms']:7.2f} ms/step {r['tokens_per_s']:9.1f} tok/s  cache "
@@ -401,9 +497,11 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
         f"; measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
   sink = open(FLAGS.out, "a") if FLAGS.out else None
-  modes = {"layer": run_layer_mode, "op": run_op_mode, "decode": run_decode_mode}
+  modes = {"layer": run_layer_mode, "op": run_op_mode, "decode": run_decode_mode,
+           "context": run_context_mode}
+  formats = {"decode": format_decode_row, "context": format_context_row}
   for row in modes[FLAGS.mode](peak):
-    print(format_row(row) if FLAGS.mode != "decode" else format_decode_row(row), flush=True)
+    print(formats.get(FLAGS.mode, format_row)(row), flush=True)
     if sink:
       sink.write(json.dumps(dict(row, peak_tflops=peak / 1e12)) + "\n")
       sink.flush()
