@@ -410,6 +410,9 @@ def run_context_mode(peak):
   from tnt_jax.parallel import mesh as mesh_lib
   from tnt_jax.parallel.context import previous_tokens
   from tnt_jax.train.step import ModelFunctions, token_losses
+  from tnt_jax.parallel.context import use_gspmd_on_gpu
+  if use_gspmd_on_gpu():
+    print("using the GSPMD partitioner (see tnt_jax/parallel/context.py use_gspmd_on_gpu)")
   config = context_model_config(FLAGS.d_model, FLAGS.decode_layers)
   model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
   params = model.initial_params()

@@ -39,6 +39,17 @@ from tnt_jax.ops.tnt import TNTConfig, local_memory_op
 Array = jax.Array
 
 
+def use_gspmd_on_gpu() -> bool:
+  """Work around an XLA crash: with jax 0.11.2 on GPU, compiling the backward of the
+  context-parallel LM segfaults in the Shardy partitioner (forward, op-level gradients and every
+  collective alone compile; GSPMD compiles and runs it all). Switches this process to GSPMD on a
+  GPU backend and says whether it did (docs/context_parallel.md)."""
+  if jax.default_backend() != "gpu" or not jax.config.jax_use_shardy_partitioner:
+    return False
+  jax.config.update("jax_use_shardy_partitioner", False)
+  return True
+
+
 def check_context_split(length: int, devices: int, config: TNTConfig) -> int:
   """The per-device slice length, or a ValueError naming the value and the rule."""
   if devices < 1:

@@ -27,7 +27,7 @@ from tnt_jax.layers.attention import AttentionConfig
 from tnt_jax.models import LanguageModel, LMConfig, param_summary
 from tnt_jax.models.flops import lm_train_flops
 from tnt_jax.parallel import mesh as mesh_lib
-from tnt_jax.parallel.context import check_context_split
+from tnt_jax.parallel.context import check_context_split, use_gspmd_on_gpu
 from tnt_jax.train import checkpoint as ckpt_lib
 from tnt_jax.train.metrics import MetricWriter, format_progress, plot_loss_curves
 from tnt_jax.train.optimizer import is_local_memory_param, make_optimizer
@@ -158,6 +158,9 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("context", 1))
   mesh_lib.check_batch_divides(data_cfg.batch_size, mesh)
   _check_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
+  if mesh.shape["context"] > 1 and use_gspmd_on_gpu():
+    log("context parallelism on GPU: using the GSPMD partitioner (XLA's Shardy path crashes "
+        "compiling this backward with jax 0.11; docs/context_parallel.md)")
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every)
