@@ -130,3 +130,42 @@ class ContextParallelModelTest(parameterized.TestCase):
     self.assertEqual(float(sums_parallel[2]), float(sums_single[2]))
     assert_trees_rel_close(self, sums_parallel[0], sums_single[0], 1e-5, "loss sum")
     assert_trees_rel_close(self, g_parallel, g_single, 1e-5, "grad")
+
+
+_EIGHT_DEVICE_CHECK = r"""
+import jax, jax.numpy as jnp, numpy as np
+from tests.helpers import rel_err
+from tests.ops.test_tnt import GLOBAL, tnt_inputs
+from tests.parallel.test_context import LOCALS
+from tnt_jax.ops.tnt import TNTConfig, tnt_op
+from tnt_jax.parallel.context import context_parallel_tnt_op
+assert jax.device_count() == 8, jax.device_count()
+config = TNTConfig(GLOBAL, LOCALS, qk_projection=True)
+args = tnt_inputs(config, 64, seed=8, dtype=jnp.float32)
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(1, 8), ("data", "context"))
+def run(fn):
+  loss = lambda *a: jnp.sum(fn(*a)[0] * jnp.cos(jnp.arange(64.0))[None, :, None, None])
+  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7))))(*args)
+want = run(lambda *a: tnt_op(*a, config))
+got = run(lambda *a: context_parallel_tnt_op(*a, config, mesh))
+worst = max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+            if np.abs(np.asarray(w)).max() > 0)
+print("max relative error", worst)
+assert worst < 1e-5, worst
+"""
+
+
+class EightDevicesTest(absltest.TestCase):
+
+  def test_eight_context_shards_in_a_fresh_process(self):
+    """8 simulated devices need their own process (conftest gives this one 4)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-c", _EIGHT_DEVICE_CHECK], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=900)
+    self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+    self.assertIn("max relative error", run.stdout)
