@@ -19,7 +19,6 @@ Results are appended as JSON lines to --out; --plot draws docs-ready figures fro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -404,11 +403,9 @@ def run_context_mode(peak):
   the sequence split over a context axis at N x T. Communication is estimated by timing the
   same collectives alone (per layer: all-gathers of q, k, v and the global gates, conv halos;
   forward and backward)."""
-  from jax.sharding import PartitionSpec as P
   from tnt_jax.models import LanguageModel
   from tnt_jax.models.flops import lm_train_flops
   from tnt_jax.parallel import mesh as mesh_lib
-  from tnt_jax.parallel.context import previous_tokens
   from tnt_jax.train.step import ModelFunctions, token_losses
   from tnt_jax.parallel.context import use_gspmd_on_gpu
   if use_gspmd_on_gpu():
@@ -446,11 +443,13 @@ def run_context_mode(peak):
         single[length] = row["tokens_per_s"]
       else:
         row["efficiency"] = row["tokens_per_s"] / (devices * single[length])
-        row["comm_ms"] = 1e3 * _collectives_seconds(config, mesh, length, previous_tokens, P)
+        row["comm_ms"] = 1e3 * _collectives_seconds(config, mesh, length)
       yield row
 
 
-def _collectives_seconds(config, mesh, length, previous_tokens, P):
+def _collectives_seconds(config, mesh, length):
+  from jax.sharding import PartitionSpec as P
+  from tnt_jax.parallel.context import previous_tokens
   inner = config.num_heads * (config.head_dim or config.d_model // config.num_heads)
   heads = config.num_heads
   x = jnp.zeros((1, length * mesh.shape["context"], inner), jnp.bfloat16)

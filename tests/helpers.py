@@ -55,3 +55,26 @@ def assert_trees_rel_close(testcase, got, want, tol, what=""):
                            f"{name}: reference is all zeros, the check would be vacuous")
     err = rel_err(g, w)
     testcase.assertLess(err, tol, f"{name}: relative error {err:.3e} >= {tol:.1e}")
+
+
+def outputs_and_vjp(fn, args, seed=9):
+  """fn(*args) and its vjp at a random cotangent (so every output's gradient path counts)."""
+  outputs, vjp = jax.vjp(fn, *args)
+  leaves, treedef = jax.tree.flatten(outputs)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  cot = jax.tree.unflatten(treedef, [jax.random.normal(key, x.shape, x.dtype)
+                                     for key, x in zip(keys, leaves)])
+  return outputs, vjp(cot)
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(testcase, got, want):
+  """Two lists of batch dicts: same length, same keys, identical arrays."""
+  testcase.assertEqual(len(got), len(want))
+  for g, w in zip(got, want):
+    testcase.assertEqual(set(g), set(w))
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key], err_msg=key)

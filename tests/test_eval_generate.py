@@ -9,7 +9,6 @@ import tempfile
 
 from absl.testing import absltest
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -10,6 +10,8 @@ import tempfile
 from absl.testing import absltest, parameterized
 import numpy as np
 
+from tests.helpers import assert_batches_equal, take
+
 from tnt_jax import data
 from tnt_jax.data import tasks
 from tnt_jax.data.tasks import needle as needle_lib
@@ -19,16 +21,6 @@ DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
           "segment_ids": np.int32, "positions": np.int32}
 
 
-def _take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _assert_batches_equal(testcase, got, want):
-  testcase.assertEqual(len(got), len(want))
-  for g, w in zip(got, want):
-    testcase.assertEqual(set(g), set(KEYS))
-    for key in KEYS:
-      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
 
 
 def _full_row(batch, i):
@@ -265,12 +257,12 @@ class BatchContractTest(_TempDirCase):
   def test_deterministic_and_row_addressable(self, task):
     make = tasks.mqar_batch if task == "mqar" else tasks.needle_batch
     first = make((4, 1), 512, 6)
-    _assert_batches_equal(self, [make((4, 1), 512, 6)], [first])
+    assert_batches_equal(self, [make((4, 1), 512, 6)], [first])
     other = make((4, 2), 512, 6)
     self.assertFalse(np.array_equal(other["inputs"], first["inputs"]))
     self.assertFalse(np.array_equal(make(5, 512, 6)["inputs"], make(4, 512, 6)["inputs"]))
     middle = make((4, 1), 512, 3, first_row=2)
-    _assert_batches_equal(self, [middle], [{k: v[2:5] for k, v in first.items()}])
+    assert_batches_equal(self, [middle], [{k: v[2:5] for k, v in first.items()}])
     rows = {first["inputs"][i].tobytes() for i in range(6)}
     self.assertLen(rows, 6)
 
@@ -285,13 +277,13 @@ class PipelineTest(_TempDirCase):
   @parameterized.parameters("mqar", "needle")
   def test_resume_gives_the_same_next_batches(self, source):
     config = self.config(source=source)
-    uninterrupted = _take(data.make_lm_iterator(config), 7)
+    uninterrupted = take(data.make_lm_iterator(config), 7)
     it = data.make_lm_iterator(config)
-    _take(it, 3)
+    take(it, 3)
     state = json.loads(json.dumps(it.get_state()))     # as the checkpoint stores it
     resumed = data.make_lm_iterator(config)
     resumed.set_state(state)
-    _assert_batches_equal(self, _take(resumed, 4), uninterrupted[3:])
+    assert_batches_equal(self, take(resumed, 4), uninterrupted[3:])
     with self.assertRaisesRegex(ValueError, "different pipeline"):
       data.make_lm_iterator(self.config(source=source, seed=4)).set_state(state)
     if source == "mqar":
@@ -301,8 +293,8 @@ class PipelineTest(_TempDirCase):
   @parameterized.parameters(("train", 2), ("train", 4), ("validation", 4))
   def test_hosts_concatenate_to_the_single_host_batch(self, split, hosts):
     config = self.config(source="needle", seq_len=64)
-    whole = _take(data.make_lm_iterator(config, split), 3)
-    parts = [_take(data.make_lm_iterator(config, split, shard_index=h, shard_count=hosts), 3)
+    whole = take(data.make_lm_iterator(config, split), 3)
+    parts = [take(data.make_lm_iterator(config, split, shard_index=h, shard_count=hosts), 3)
              for h in range(hosts)]
     for k in range(3):
       for key in KEYS:
@@ -319,9 +311,9 @@ class PipelineTest(_TempDirCase):
     val = list(validation)
     self.assertLen(val, 5)
     self.assertEqual(validation.num_batches, 5)
-    _assert_batches_equal(self, list(data.make_lm_iterator(config, "validation")), val)
+    assert_batches_equal(self, list(data.make_lm_iterator(config, "validation")), val)
     self.assertLen(list(data.make_lm_iterator(config, "validation", max_batches=2)), 2)
-    train_rows = {r.tobytes() for b in _take(train, 20) for r in b["inputs"]}
+    train_rows = {r.tobytes() for b in take(train, 20) for r in b["inputs"]}
     val_rows = {r.tobytes() for b in val for r in b["inputs"]}
     self.assertLen(train_rows, 160)
     self.assertEmpty(train_rows & val_rows)

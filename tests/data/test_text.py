@@ -12,6 +12,8 @@ from unittest import mock
 from absl.testing import absltest, parameterized
 import numpy as np
 
+from tests.helpers import assert_batches_equal, take
+
 from experiments import prepare_tokens
 from tnt_jax import data
 from tnt_jax.data import documents, packing
@@ -21,16 +23,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def _take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def _assert_batches_equal(testcase, got, want):
-  testcase.assertEqual(len(got), len(want))
-  for g, w in zip(got, want):
-    testcase.assertEqual(set(g), set(w))
-    for key in w:
-      np.testing.assert_array_equal(g[key], w[key], err_msg=key)
 
 
 def _text(seed, n_lines):
@@ -137,7 +129,7 @@ class SourcesTest(_CorpusTestCase):
 
   def test_stdlib_batches_are_python_source(self):
     it = data.make_lm_iterator(data.TextDataConfig(seq_len=64, batch_size=2, max_bytes=2**20))
-    tokens = np.concatenate([b["inputs"].reshape(-1) for b in _take(it, 8)])
+    tokens = np.concatenate([b["inputs"].reshape(-1) for b in take(it, 8)])
     printable = (tokens == 10) | ((tokens >= 32) & (tokens < 127))
     self.assertGreater(printable.mean(), 0.95)   # mostly ASCII source text
     text = bytes(tokens.astype(np.uint8)).decode("utf-8", "replace")
@@ -189,9 +181,9 @@ class SourcesTest(_CorpusTestCase):
 class DeterminismTest(_CorpusTestCase):
 
   def test_same_seed_same_batches_different_seed_different(self):
-    first = _take(data.make_lm_iterator(self.files_config(seed=3)), 6)
-    _assert_batches_equal(self, _take(data.make_lm_iterator(self.files_config(seed=3)), 6), first)
-    other = _take(data.make_lm_iterator(self.files_config(seed=4)), 6)
+    first = take(data.make_lm_iterator(self.files_config(seed=3)), 6)
+    assert_batches_equal(self, take(data.make_lm_iterator(self.files_config(seed=3)), 6), first)
+    other = take(data.make_lm_iterator(self.files_config(seed=4)), 6)
     self.assertFalse(all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, other)))
 
   def test_epochs_are_reshuffled(self):
@@ -205,14 +197,14 @@ class DeterminismTest(_CorpusTestCase):
   @parameterized.product(k=[0, 1, 5], read_threads=[0, 2])
   def test_resume_gives_the_uninterrupted_batches(self, k, read_threads):
     config = self.files_config(read_threads=read_threads)
-    uninterrupted = _take(data.make_lm_iterator(config), k + 4)
+    uninterrupted = take(data.make_lm_iterator(config), k + 4)
     it = data.make_lm_iterator(config)
-    _take(it, k)
+    take(it, k)
     state = json.loads(json.dumps(it.get_state()))   # what a checkpoint stores
-    _take(it, 2)                                     # the old iterator moves on; no effect
+    take(it, 2)                                     # the old iterator moves on; no effect
     resumed = data.make_lm_iterator(config)
     resumed.set_state(state)
-    _assert_batches_equal(self, _take(resumed, 4), uninterrupted[k:])
+    assert_batches_equal(self, take(resumed, 4), uninterrupted[k:])
 
   def test_state_from_another_pipeline_is_refused(self):
     state = data.make_lm_iterator(self.files_config(seed=1)).get_state()
@@ -224,8 +216,8 @@ class DeterminismTest(_CorpusTestCase):
   def test_validation_is_one_deterministic_pass(self):
     config = self.files_config()
     first = list(data.make_lm_iterator(config, "validation"))
-    _assert_batches_equal(self, list(data.make_lm_iterator(config, "validation")), first)
-    _assert_batches_equal(self, list(data.make_lm_iterator(config, "validation", max_batches=2)),
+    assert_batches_equal(self, list(data.make_lm_iterator(config, "validation")), first)
+    assert_batches_equal(self, list(data.make_lm_iterator(config, "validation", max_batches=2)),
                           first[:2])
     limited = data.make_lm_iterator(config, "train", max_batches=3)
     self.assertLen(list(limited), 3)
@@ -236,14 +228,14 @@ class ShardingTest(_CorpusTestCase):
   @parameterized.product(split=["train", "validation"], shard_count=[2, 4])
   def test_hosts_together_form_the_global_batch(self, split, shard_count):
     config = self.files_config(batch_size=8)
-    single = _take(data.make_lm_iterator(config, split), 3)
-    hosts = [_take(data.make_lm_iterator(config, split, shard_index=h, shard_count=shard_count), 3)
+    single = take(data.make_lm_iterator(config, split), 3)
+    hosts = [take(data.make_lm_iterator(config, split, shard_index=h, shard_count=shard_count), 3)
              for h in range(shard_count)]
     for step, want in enumerate(single):
       for host in hosts:
         self.assertEqual(host[step]["inputs"].shape, (8 // shard_count, 16))
       got = {k: np.concatenate([host[step][k] for host in hosts]) for k in KEYS}
-      _assert_batches_equal(self, [got], [want])
+      assert_batches_equal(self, [got], [want])
 
   def test_bad_sharding(self):
     with self.assertRaisesRegex(ValueError, "batch_size=6 must be divisible by shard_count=4"):
@@ -328,7 +320,7 @@ class PrepareTokensTest(_CorpusTestCase):
                                      max_batches=8)
       self.assertEqual(tokens.num_documents, files.num_documents)
       self.assertEqual(tokens.num_tokens, files.num_tokens)
-      _assert_batches_equal(self, list(tokens), list(files))
+      assert_batches_equal(self, list(tokens), list(files))
 
   def test_command_line(self):
     out = self.tempdir()

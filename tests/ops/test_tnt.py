@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.helpers import assert_trees_rel_close, random_inputs
+from tests.helpers import assert_trees_rel_close, outputs_and_vjp, random_inputs
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig, local_memory_op, tnt_op
@@ -51,13 +51,8 @@ class TNTVsReferenceTest(parameterized.TestCase):
     args = tnt_inputs(config, length, seed=num_locals)
 
     def run(implementation):
-      fn = lambda *a: tnt_op(*a, config, implementation=implementation)
-      outputs, vjp = jax.vjp(fn, *args)
-      leaves, treedef = jax.tree.flatten(outputs)
-      keys = jax.random.split(jax.random.key(9), len(leaves))
-      cot = jax.tree.unflatten(treedef, [jax.random.normal(key, x.shape, x.dtype)
-                                         for key, x in zip(keys, leaves)])
-      return outputs, vjp(cot)
+      return outputs_and_vjp(lambda *a: tnt_op(*a, config, implementation=implementation),
+                             args)
 
     (out, state), grads = jax.jit(lambda: run("xla"))()
     (ref_out, ref_state), ref_grads = jax.jit(lambda: run("reference"))()

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.helpers import assert_trees_rel_close
+from tests.helpers import assert_trees_rel_close, outputs_and_vjp
 from tests.ops.test_tnt import GLOBAL, tnt_inputs
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
@@ -43,17 +43,9 @@ class ContextParallelTest(parameterized.TestCase):
     batch_axes = "data" if data > 1 else None
     mesh = _mesh((data, context), ("data", "context"))
 
-    def run(fn):
-      outputs, vjp = jax.vjp(fn, *args)
-      leaves, treedef = jax.tree.flatten(outputs)
-      keys = jax.random.split(jax.random.key(3), len(leaves))
-      cot = jax.tree.unflatten(treedef, [jax.random.normal(key, x.shape, x.dtype)
-                                         for key, x in zip(keys, leaves)])
-      return outputs, vjp(cot)
-
-    single = jax.jit(lambda: run(lambda *a: tnt_op(*a, config)))()
-    parallel = jax.jit(lambda: run(lambda *a: context_parallel_tnt_op(
-        *a, config, mesh, batch_axes=batch_axes)))()
+    single = jax.jit(lambda: outputs_and_vjp(lambda *a: tnt_op(*a, config), args))()
+    parallel = jax.jit(lambda: outputs_and_vjp(lambda *a: context_parallel_tnt_op(
+        *a, config, mesh, batch_axes=batch_axes), args))()
     (out, state), grads = parallel
     (ref_out, ref_state), ref_grads = single
     assert_trees_rel_close(self, out, ref_out, 1e-5, "output")

@@ -61,7 +61,7 @@ class Decoder:
   def init_cache(self, batch: int) -> dict:
     return self._model(self.state).init_cache(batch, self.max_length)
 
-  def _check_extend(self, length: int, cache: dict) -> int:
+  def _check_extend(self, length: int, cache: dict) -> None:
     position = int(cache["position"])
     if length > 1 and position % self.alignment:
       raise ValueError(f"a {length}-token extend at position {position}: multi-token calls "
@@ -70,7 +70,6 @@ class Decoder:
     if self.max_length is not None and position + length > self.max_length:
       raise ValueError(f"position {position} + {length} tokens exceeds max_length="
                        f"{self.max_length} of this decoder's cache")
-    return position
 
   def extend(self, tokens_BxT, cache: dict) -> tuple[Array, dict]:
     """Logits [B, T, V] for T more tokens and the cache after them (`cache` is consumed)."""
@@ -78,27 +77,27 @@ class Decoder:
     self._check_extend(tokens_BxT.shape[1], cache)
     return self._extend(self.state, tokens_BxT, cache)
 
-  def prefill(self, tokens_BxT, cache: dict | None = None) -> tuple[Array, dict]:
-    """Extend by a prompt in segments of `segment` tokens (bounded memory at any length);
-    returns the last token's logits [B, V] and the cache."""
+  def _segments(self, tokens_BxT, cache: dict | None):
+    """Extend by tokens in segments of `segment` (bounded memory at any length): yields each
+    segment's logits [B, S, V] and the cache after it."""
     tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
     if tokens_BxT.ndim != 2 or tokens_BxT.shape[1] < 1:
-      raise ValueError(f"prompt must be [batch, length >= 1], got shape {tokens_BxT.shape}")
+      raise ValueError(f"tokens must be [batch, length >= 1], got shape {tokens_BxT.shape}")
     cache = self.init_cache(tokens_BxT.shape[0]) if cache is None else cache
     for lo in range(0, tokens_BxT.shape[1], self.segment):
       logits, cache = self.extend(tokens_BxT[:, lo:lo + self.segment], cache)
+      yield logits, cache
+
+  def prefill(self, tokens_BxT, cache: dict | None = None) -> tuple[Array, dict]:
+    """Extend by a prompt; returns the last token's logits [B, V] and the cache."""
+    for logits, cache in self._segments(tokens_BxT, cache):
+      pass
     return logits[:, -1], cache
 
   def forward(self, tokens_BxT) -> Array:
     """Logits [B, T, V] of a whole sequence, computed segment by segment with the carried cache:
     equal to the parallel forward, in memory bounded by the segment (long-context evaluation)."""
-    tokens_BxT = jnp.asarray(tokens_BxT, jnp.int32)
-    cache = self.init_cache(tokens_BxT.shape[0])
-    outs = []
-    for lo in range(0, tokens_BxT.shape[1], self.segment):
-      logits, cache = self.extend(tokens_BxT[:, lo:lo + self.segment], cache)
-      outs.append(logits)
-    return jnp.concatenate(outs, axis=1)
+    return jnp.concatenate([logits for logits, _ in self._segments(tokens_BxT, None)], axis=1)
 
   def generate(self, prompt_BxT, num_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0):

@@ -127,9 +127,9 @@ def _global_prefill(q, k, v, gates: Gates, state: MemoryState, slow, memory: Mem
                            Gates(*(_slice(g, 0, aligned) for g in gates)), state, slow, memory,
                            implementation=implementation, remat=remat)
     outs.append(out)
-  carry = initial_carry(memory, state, accumulation_dtype(q.dtype, state))
+  acc = accumulation_dtype(q.dtype, state)
+  carry = initial_carry(memory, state, acc)
   if aligned < t:
-    acc = carry["proj"].dtype
     rest = _cast_all(acc, q[:, aligned:], k[:, aligned:], v[:, aligned:],
                      Gates(*(_slice(g, aligned, t) for g in gates)), slow)
     carry, out = _scan_steps(memory, carry, aligned, *rest)

@@ -41,5 +41,4 @@ def load_trained_model(path: str, *, dtype: str | None = None
   pure = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pure)
   params = ckpt_lib.restore_subtree(path, pure)
   nnx.replace_by_pure_dict(abstract_params, params)
-  rest = jax.tree.map(lambda x: x, rest)
   return nnx.merge(graphdef, abstract_params, rest), config, vocab
