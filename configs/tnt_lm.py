@@ -70,6 +70,8 @@ def _mixer_options(kinds, size, chunk, local_chunks):
       options[kind] = dict(chunk_size=chunk or size["chunk"])
   for kind in options:   # the inner optimiser's stability knobs (tnt_jax/layers/configs.py)
     options[kind]["chunk_lr_budget"] = 0.25
+    # with mesh.context > 1: how the global memory's state crosses devices (gather | chain)
+    options[kind]["global_handoff"] = "gather"
   return options
 
 
@@ -124,6 +126,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = size["dtype"]
   c.model.remat = size_name == "paper150m"
+  c.model.scan_layers = True    # one compiled block group instead of every block
 
   c.optim = config_dict.ConfigDict()
   c.optim.lr = size["lr"]

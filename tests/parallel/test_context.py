@@ -32,12 +32,16 @@ class ContextParallelTest(parameterized.TestCase):
   @parameterized.named_parameters(
       # (context devices, data devices, length): slices of 8 = 1-2 local shards per device;
       # 16 tokens per device = several shards; global chunk 8 crosses nothing or everything.
-      ("context2", 2, 1, 16, 2),
-      ("context4_one_shard_each", 4, 1, 32, 2),
-      ("context4_several_shards", 4, 1, 64, 1),
-      ("data2_context2", 2, 2, 32, 2),
+      ("context2", 2, 1, 16, 2, "gather"),
+      ("context4_one_shard_each", 4, 1, 32, 2, "gather"),
+      ("context4_several_shards", 4, 1, 64, 1, "gather"),
+      ("data2_context2", 2, 2, 32, 2, "gather"),
+      # the ppermute chain hands the global state on (slices of one and of two global chunks)
+      ("chain_context2", 2, 1, 16, 2, "chain"),
+      ("chain_context4_several_shards", 4, 1, 64, 1, "chain"),
+      ("chain_data2_context2", 2, 2, 32, 2, "chain"),
   )
-  def test_equals_single_device_op(self, context, data, length, num_locals):
+  def test_equals_single_device_op(self, context, data, length, num_locals, handoff):
     config = TNTConfig(GLOBAL, LOCALS[:num_locals], qk_projection=True)
     args = tnt_inputs(config, length, seed=context + data, dtype=jnp.float32)
     batch_axes = "data" if data > 1 else None
@@ -45,7 +49,7 @@ class ContextParallelTest(parameterized.TestCase):
 
     single = jax.jit(lambda: outputs_and_vjp(lambda *a: tnt_op(*a, config), args))()
     parallel = jax.jit(lambda: outputs_and_vjp(lambda *a: context_parallel_tnt_op(
-        *a, config, mesh, batch_axes=batch_axes), args))()
+        *a, config, mesh, batch_axes=batch_axes, global_handoff=handoff), args))()
     (out, state), grads = parallel
     (ref_out, ref_state), ref_grads = single
     assert_trees_rel_close(self, out, ref_out, 1e-5, "output")
@@ -66,6 +70,9 @@ class ContextParallelTest(parameterized.TestCase):
       context_parallel_tnt_op(*args, config, _mesh((2,), ("context",)))
     with self.assertRaisesRegex(ValueError, "no context axis 'seq'"):
       context_parallel_tnt_op(*args, config, _mesh((2,), ("context",)), axis="seq")
+    args = tnt_inputs(config, 32, seed=0, dtype=jnp.float32)
+    with self.assertRaisesRegex(ValueError, "global_handoff='ring' is unknown"):
+      context_parallel_tnt_op(*args, config, _mesh((2,), ("context",)), global_handoff="ring")
 
   def test_previous_tokens_is_the_halo(self):
     mesh = _mesh((4,), ("context",))

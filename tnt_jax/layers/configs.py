@@ -25,6 +25,7 @@ from tnt_jax.memory.models import MemoryModel
 from tnt_jax.memory.rules import UpdateRule
 from tnt_jax.ops.api import IMPLEMENTATIONS
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig
+from tnt_jax.parallel.context import GLOBAL_HANDOFFS
 
 TITANS_MEMORY = MemoryModel(kind="mlp", depth=2, expansion=4.0, activation="gelu")
 
@@ -56,6 +57,9 @@ class MemoryLayerConfig:
   theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at half its ceiling).
   implementation: the memory op's ("xla" chunkwise, or "reference" token loop for tests).
   remat: recompute each memory chunk in the backward pass (less memory, more compute).
+  global_handoff: under context parallelism, how the global memory's state crosses devices:
+    "gather" (all-gather the sequence, every device scans it) or "chain" (ppermute the state
+    from device to device); tnt_jax/parallel/context.py, measured in docs/context_parallel.md.
   """
 
   kind: ClassVar[str] = ""
@@ -71,6 +75,7 @@ class MemoryLayerConfig:
   alpha_bias: float = -5.0
   implementation: str = "xla"
   remat: bool = False
+  global_handoff: str = "gather"
 
   def __post_init__(self):
     _positive_int("d_model", self.d_model)
@@ -91,6 +96,9 @@ class MemoryLayerConfig:
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={self.implementation!r} is unknown; expected one of "
                        f"{IMPLEMENTATIONS}")
+    if self.global_handoff not in GLOBAL_HANDOFFS:
+      raise ValueError(f"global_handoff={self.global_handoff!r} is unknown; expected one of "
+                       f"{GLOBAL_HANDOFFS}")
     self.memory_config()   # every kind validates its memories here, before anything is traced
 
   def theta_ceiling(self, memory: MemoryConfig) -> float:

@@ -143,8 +143,8 @@ class MemoryLayer(nnx.Module):
     q, k, v = self.qkv(x, halo_axis=context_axis)
     gates, weights, slows = self._memory_inputs(x)
     global_state = self.tnt.global_memory.init_state(weights[0], x.shape[0])
-    op = tnt_op if context_axis is None else functools.partial(tnt_op_in_context,
-                                                               axis=context_axis)
+    op = tnt_op if context_axis is None else functools.partial(
+        tnt_op_in_context, axis=context_axis, global_handoff=self.config.global_handoff)
     o_BxTxHxD, _ = op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
                       implementation=self.config.implementation, remat=self.config.remat)
     return self._output(o_BxTxHxD, x)

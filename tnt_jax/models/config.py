@@ -35,6 +35,11 @@ class LMConfig:
   tie_embeddings: bool = True
   dtype: str = "bfloat16"                # compute dtype; parameters are float32
   remat: bool = False                    # rematerialise each block in the backward pass
+  # Run the blocks as a lax.scan over groups of one pattern period (the parameters stay one
+  # set per block): XLA compiles one group instead of every block, about num_layers / period
+  # times less compile time (docs/context_parallel.md measured 40-55 s per TNT block on a
+  # CPU at d_model 768). False unrolls the blocks.
+  scan_layers: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads"):

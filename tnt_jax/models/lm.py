@@ -72,12 +72,38 @@ class LanguageModel(nnx.Module):
     parallelism): tokens are this device's slice, and so are the logits."""
     self._check_tokens(tokens_BxT)
     x = self.embed(tokens_BxT)
-    for block in self.blocks:
-      if self.config.remat:
-        x = nnx.remat(lambda block, x: block(x, context_axis))(block, x)
-      else:
-        x = block(x, context_axis)
+    blocks = list(self.blocks)
+    period = len(self.config.pattern)
+    groups = len(blocks) // period if self.config.scan_layers else 0
+    if groups > 1:
+      x = self._scan_groups(blocks[:groups * period], period, x, context_axis)
+      blocks = blocks[groups * period:]
+    for block in blocks:
+      x = self._run_block(nnx.split(block), x, context_axis)
     return self._logits(x)
+
+  def _run_block(self, split_block, x, context_axis):
+    def run(state, x):
+      return nnx.merge(split_block[0], state)(x, context_axis)
+    if self.config.remat:
+      run = jax.checkpoint(run)
+    return run(split_block[1], x)
+
+  def _scan_groups(self, blocks, period, x, context_axis):
+    """Blocks p, p + period, p + 2 period, ... share a structure: stack their states and scan
+    over the groups (one pattern period each), running each block as in the unrolled loop."""
+    splits = [nnx.split(block) for block in blocks]
+    graphdefs = [graphdef for graphdef, _ in splits[:period]]
+    stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *(s for _, s in splits[p::period]))
+               for p in range(period)]
+
+    def group(x, states):
+      for graphdef, state in zip(graphdefs, states):
+        x = self._run_block((graphdef, state), x, context_axis)
+      return x, None
+
+    x, _ = jax.lax.scan(group, x, stacked)
+    return x
 
   # --- streaming and decoding (models/decoding.py wraps these with checks and jit) ---
 

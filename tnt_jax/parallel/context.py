@@ -8,14 +8,16 @@ Device d of the `axis` holds tokens [d L, (d + 1) L) of every sequence, L = T / 
 - Local memories: L must be a multiple of every local shard length S_L, so every shard lies on
   one device; each device runs its shards (reset to W_init, Q-K projection included) with no
   communication at all. This is why TNT resets its locals.
-- Global memory: its state crosses device boundaries. Each device all-gathers the sequence's
-  q, k, v and global gates (activations of size T x d, small next to the locals' work) and runs
-  the global memory's chunk scan itself, keeping its own slice of the outputs. The alternative,
-  a ppermute chain that hands the state from device to device, makes device d wait for the d
-  before it: D sequential slice scans on the critical path, the same work as one full scan but
-  with D - 1 communication latencies in it and no overlap. With C_G = 2048 the global scan is a
-  few large, matmul-bound chunks, so the redundant scan is expected to be the cheaper of the
-  two; the 2-GPU measurement that should confirm this is still to be made (issue 7).
+- Global memory: its state crosses device boundaries. Two hand-offs (`global_handoff`):
+  "gather" (default): each device all-gathers the sequence's q, k, v and global gates
+  (activations of size T x d) and runs the global memory's chunk scan over the whole sequence
+  itself, keeping its slice of the outputs; redundant scans, one collective each way.
+  "chain": a ppermute chain: in round r, device r scans its own slice from the state device
+  r - 1 handed it, then hands its final state on. Only the owner computes in a round, so the
+  critical path is the same D slice scans as one full scan, plus D hand-offs of the (small)
+  state; no gathered activations. The rounds are rematerialised (the backward recomputes the
+  owner's slice scan), so memory holds one round's residuals, not D.
+  The measured choice between the two is in docs/context_parallel.md.
 - Gradients flow through all of it (all_gather's transpose is a reduce-scatter), so the same
   function serves training.
 
@@ -80,20 +82,59 @@ def previous_tokens(x_BxLx_: Array, count: int, axis: str) -> Array:
   return jnp.where(first, jnp.zeros_like(moved), moved)
 
 
+GLOBAL_HANDOFFS = ("gather", "chain")
+
+
+def _global_by_gather(q, k, v, gates, state, slow, config, axis, implementation, remat):
+  gather = lambda x: None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
+  out, state = memory_op(gather(q), gather(k), gather(v), Gates(*map(gather, gates)), state,
+                         slow, config, implementation=implementation, remat=remat)
+  slice_len = q.shape[1]
+  mine = jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(axis) * slice_len, slice_len,
+                                      axis=1)
+  return mine, state
+
+
+def _global_by_chain(q, k, v, gates, state, slow, config, axis, implementation, remat):
+  devices, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
+  scan_slice = lambda s: memory_op(q, k, v, gates, s, slow, config,
+                                   implementation=implementation, remat=remat)
+  out_shape = jax.eval_shape(scan_slice, state)[0]
+  idle = lambda s: (jnp.zeros(out_shape.shape, out_shape.dtype), s)
+  forward = [(d, d + 1) for d in range(devices - 1)]
+
+  @jax.checkpoint
+  def round_(carry, r):
+    state_in, out = carry
+    mine = me == r
+    o, s = jax.lax.cond(mine, scan_slice, idle, state_in)
+    handed = jax.lax.ppermute(s, axis, forward)
+    state_next = jax.tree.map(lambda h, own: jnp.where(me == r + 1, h, own), handed, s)
+    return (state_next, jnp.where(mine, o, out)), None
+
+  (final, out), _ = jax.lax.scan(round_, (state, jnp.zeros(out_shape.shape, out_shape.dtype)),
+                                 jnp.arange(devices))
+  # The last device holds the sequence's final state; every device returns it.
+  last = me == devices - 1
+  final = jax.tree.map(lambda x: jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), axis),
+                       final)
+  return out, final
+
+
 def tnt_op_in_context(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array,
                       gates: Sequence[Gates], global_state: MemoryState,
                       local_initial_weights: Sequence[dict], slows: Sequence[dict],
                       config: TNTConfig, axis: str, *, implementation: str = "xla",
-                      remat: bool = False) -> tuple[Array, MemoryState]:
+                      remat: bool = False, global_handoff: str = "gather"
+                      ) -> tuple[Array, MemoryState]:
   """Inside shard_map: this device's slice of tnt_op's outputs (see the module doc), and the
   global memory's final state (the same on every device of `axis`)."""
-  gather = lambda x: None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
-  g_out, state = memory_op(gather(q_BxLxHxD), gather(k_BxLxHxD), gather(v_BxLxHxD),
-                           Gates(*map(gather, gates[0])), global_state, slows[0],
-                           config.global_memory, implementation=implementation, remat=remat)
-  slice_len = q_BxLxHxD.shape[1]
-  out = jax.lax.dynamic_slice_in_dim(g_out, jax.lax.axis_index(axis) * slice_len, slice_len,
-                                     axis=1)
+  if global_handoff not in GLOBAL_HANDOFFS:
+    raise ValueError(f"global_handoff={global_handoff!r} is unknown; expected one of "
+                     f"{GLOBAL_HANDOFFS}")
+  run_global = _global_by_gather if global_handoff == "gather" else _global_by_chain
+  out, state = run_global(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, gates[0], global_state, slows[0],
+                          config.global_memory, axis, implementation, remat)
   for i, local in enumerate(config.local_memories):
     out = out + local_memory_op(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, gates[i + 1],
                                 local_initial_weights[i], slows[i + 1], local,
@@ -109,8 +150,8 @@ def context_parallel_tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array
                             gates: Sequence[Gates], global_state: MemoryState,
                             local_initial_weights: Sequence[dict], slows: Sequence[dict],
                             config: TNTConfig, mesh: jax.sharding.Mesh, *, axis: str = "context",
-                            batch_axes=None, implementation: str = "xla", remat: bool = False
-                            ) -> tuple[Array, MemoryState]:
+                            batch_axes=None, implementation: str = "xla", remat: bool = False,
+                            global_handoff: str = "gather") -> tuple[Array, MemoryState]:
   """tnt_op (ops/tnt.py) with the sequence split over mesh axis `axis`; same results."""
   if axis not in mesh.shape:
     raise ValueError(f"mesh axes {tuple(mesh.shape)} have no context axis {axis!r}")
@@ -125,7 +166,8 @@ def context_parallel_tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array
 
   def per_device(q, k, v, gates, state, inits, slows):
     return tnt_op_in_context(q, k, v, gates, state, inits, slows, config, axis,
-                             implementation=implementation, remat=remat)
+                             implementation=implementation, remat=remat,
+                             global_handoff=global_handoff)
 
   # check_vma=False: the memory scans start from replicated states (W_init, the global state) and
   # mix in per-device tokens, which the varying-axes type check rejects at the scan carry; the

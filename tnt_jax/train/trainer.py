@@ -63,7 +63,9 @@ def lm_config(config, vocab_size: int) -> LMConfig:
   return LMConfig(vocab_size=vocab_size, d_model=m.d_model, num_layers=m.num_layers,
                   num_heads=m.num_heads, head_dim=m.head_dim, mlp_hidden=m.mlp_hidden,
                   pattern=tuple(m.pattern.split(",")), mixer_options=options, window=m.window,
-                  tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat)
+                  tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
+                  # checkpoints written before scan_layers existed lack the key
+                  scan_layers=m.get("scan_layers", True))
 
 
 def _check_config(config) -> None:
