@@ -4,7 +4,7 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
     python -m experiments.benchmark --mode=op --lengths=2048 --chunks=8,64 --models=mlp  # CPU
     python -m experiments.benchmark --mode=layer --lengths=2048,8192,32768 --chunks=8,16,64,128
     python -m experiments.benchmark --mode=decode --d_model=384   # per-token decode cost
-    python -m experiments.benchmark --mode=context --d_model=384  # 1 GPU at T vs N GPUs at N T
+    python -m experiments.benchmark --mode=context   # 150M TNT, T x context devices
 
 Layer mode times a whole memory layer (projections, conv, gates, memories, output) for TNT
 (global C_G = --global_chunk, one local of chunk C, shards of --shard_length) against Titans
@@ -19,6 +19,7 @@ Results are appended as JSON lines to --out; --plot draws docs-ready figures fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -37,8 +38,19 @@ from tnt_jax.ops import flops
 from tnt_jax.ops.api import memory_op
 
 flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context"], "what to measure")
-flags.DEFINE_list("context_lengths", ["16384", "32768"],
-                  "context mode: tokens per GPU (one GPU runs T, N GPUs run N x T)")
+flags.DEFINE_string("context_config", "size=paper150m",
+                    "context mode: the model, as configs/tnt_lm.py's argument")
+flags.DEFINE_list("context_lengths", ["32768", "65536", "131072"],
+                  "context mode: sequence lengths T (tokens per sequence, over all its GPUs)")
+flags.DEFINE_list("context_devices", ["1", "2", "4", "8"],
+                  "context mode: context axis sizes N (those above the device count are skipped)")
+flags.DEFINE_list("global_handoffs", ["gather"],
+                  "context mode: the global memory's hand-offs to compare (gather, chain)")
+flags.DEFINE_list("longest_lengths", [],
+                  "context mode: then these T on the most devices, in order, until one fails")
+flags.DEFINE_integer("compile_threads", 8, "context mode: variants compiled at once")
+flags.DEFINE_bool("profile", True, "context mode: profile each multi-device step to split "
+                  "communication from compute (tnt_jax/profiling.py)")
 flags.DEFINE_list("decode_kinds", ["tnt", "titans", "swa", "attention"],
                   "decode mode: the mixer of every block")
 flags.DEFINE_list("positions", ["1024", "8192", "32768"], "decode mode: stream positions")
@@ -389,99 +401,136 @@ def plot_decode(rows, prefix, plt):
   print("wrote", out)
 
 
-def context_model_config(d_model: int, layers: int):
-  """A TNT LM with the paper's chunking (C_G 2048, C_L 8, S_L 2048) at the given width."""
-  from tnt_jax.models import LMConfig
-  return LMConfig(vocab_size=256, d_model=d_model, num_layers=layers,
-                  num_heads=max(1, d_model // 64), pattern=("tnt",),
-                  mixer_options={"tnt": dict(global_chunk=2048, local_chunks=(8,),
-                                             shard_lengths=2048)}, dtype="bfloat16")
+def context_model_config(config_arg: str, handoff: str):
+  """The LM of configs/tnt_lm.py:<config_arg> (byte vocabulary), its global memories handing
+  their state across devices by `handoff`."""
+  from configs.tnt_lm import get_config
+  from tnt_jax.train.trainer import lm_config
+  config = lm_config(get_config(config_arg), vocab_size=256)
+  options = {kind: dict(o, global_handoff=handoff) if kind in config.pattern and
+             kind not in ("attention", "swa") else dict(o)
+             for kind, o in config.mixer_options.items()}
+  return dataclasses.replace(config, mixer_options=options)
+
+
+def context_points():
+  """(total length T, context devices N, hand-off) to measure: every T x N that fits the
+  devices here (1-GPU points first, so efficiencies can be computed as rows come), then the
+  --longest_lengths on the most devices."""
+  available = jax.device_count()
+  devices = sorted({int(n) for n in FLAGS.context_devices if int(n) <= available})
+  for n in devices:
+    for length in map(int, FLAGS.context_lengths):
+      for handoff in (FLAGS.global_handoffs if n > 1 else ["gather"]):
+        yield length, n, handoff
+  for length in map(int, FLAGS.longest_lengths):
+    yield length, devices[-1], FLAGS.global_handoffs[0]
 
 
 def run_context_mode(peak):
-  """Training step (loss + gradients) of a TNT LM: one GPU at T tokens against all GPUs with
-  the sequence split over a context axis at N x T. Communication is estimated by timing the
-  same collectives alone (per layer: all-gathers of q, k, v and the global gates, conv halos;
-  forward and backward)."""
+  """Training step (loss + gradients, batch 1) of a TNT LM with the sequence of T tokens split
+  over N devices (tnt_jax/parallel/context.py). Scaling efficiency: strong = tok/s at (T, N)
+  over N x tok/s at (T, 1); weak = over N x tok/s at (T / N, 1). Communication: the NCCL
+  kernels' share of the profiled step (tnt_jax/profiling.py). Variants are traced one by one
+  and compiled --compile_threads at a time (XLA compiles without the GIL), then timed alone."""
+  import concurrent.futures
   from tnt_jax.models import LanguageModel
   from tnt_jax.models.flops import lm_train_flops
   from tnt_jax.parallel import mesh as mesh_lib
+  from tnt_jax.parallel.context import check_context_split, use_gspmd_on_gpu
+  from tnt_jax.profiling import profile_step_split
   from tnt_jax.train.step import ModelFunctions, token_losses
-  from tnt_jax.parallel.context import use_gspmd_on_gpu
-  if use_gspmd_on_gpu():
+  points = list(context_points())
+  if max(n for _, n, _ in points) > 1 and use_gspmd_on_gpu():
     print("using the GSPMD partitioner (see tnt_jax/parallel/context.py use_gspmd_on_gpu)")
-  config = context_model_config(FLAGS.d_model, FLAGS.decode_layers)
-  model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
-  params = model.initial_params()
-  n = jax.device_count()
-  single = {}
-  for length in (int(x) for x in FLAGS.context_lengths):
-    for devices in sorted({1, n}):
-      total = length * devices
+  variants = []
+  for length, n, handoff in points:
+    config = context_model_config(FLAGS.context_config, handoff)
+    row = dict(mode="context", config=FLAGS.context_config, devices=n, length=length,
+               tokens_per_device=length // n, handoff=handoff, batch=1,
+               device=jax.devices()[0].device_kind,
+               params=sum(x.size for x in jax.tree.leaves(nnx.state(
+                   nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))), nnx.Param))))
+    try:
+      for i in range(config.num_layers):
+        mixer = config.mixer_config(i)
+        if hasattr(mixer, "memory_config"):
+          check_context_split(length, n, mixer.memory_config())
+      model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
+      params = model.initial_params()
       mesh = None
-      if devices > 1:
-        grid = np.asarray(jax.devices()[:devices]).reshape(1, 1, devices)
+      if n > 1:
+        grid = np.asarray(jax.devices()[:n]).reshape(1, 1, n)
         mesh = jax.sharding.Mesh(grid, mesh_lib.AXES)
-      tokens = jax.random.randint(jax.random.key(0), (1, total), 0, 256)
-      batch = {"inputs": tokens, "targets": tokens, "loss_mask": jnp.ones((1, total))}
+      tokens = jax.random.randint(jax.random.key(0), (1, length), 0, 256)
+      batch = {"inputs": tokens, "targets": tokens, "loss_mask": jnp.ones((1, length))}
 
-      def loss(params, batch, mesh=mesh):
+      def loss(params, batch, model=model, mesh=mesh):
         s, c = token_losses(model, params, batch, mesh=mesh)
         return s / c
 
-      fn = jax.grad(loss)
-      row = dict(mode="context", devices=devices, length=total, tokens_per_device=length,
-                 batch=1, device=jax.devices()[0].device_kind)
+      lowered = jax.jit(jax.grad(loss)).lower(params, batch)
+      variants.append((row, lowered, (params, batch), lm_train_flops(config, 1, length)))
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      variants.append((row, None, None, None))
+
+  def compile_one(lowered):
+    start = time.perf_counter()
+    return lowered.compile(), time.perf_counter() - start
+
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(FLAGS.compile_threads) as pool:
+    futures = [pool.submit(compile_one, v[1]) if v[1] is not None else None for v in variants]
+  print(f"compiled {len(variants)} variants in {time.perf_counter() - start:.0f} s "
+        f"({FLAGS.compile_threads} threads)", flush=True)
+
+  single, longest_failed = {}, False
+  for (row, _, args, flop_count), future in zip(variants, futures):
+    if future is not None and longest_failed and row["length"] in map(int, FLAGS.longest_lengths):
+      row["error"] = "skipped: a shorter --longest_lengths entry failed"
+    elif future is not None:
       try:
-        timed_variant(fn, (params, batch), lm_train_flops(config, 1, total), peak * devices,
-                      row)
-      except Exception as e:  # e.g. out of memory at the longest length
-        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        yield row
-        continue
-      if devices == 1:
-        single[length] = row["tokens_per_s"]
-      else:
-        row["efficiency"] = row["tokens_per_s"] / (devices * single[length])
-        row["comm_ms"] = 1e3 * _collectives_seconds(config, mesh, length)
+        compiled, row["compile_s"] = future.result()
+        seconds = median_seconds(compiled, args, FLAGS.warmup, FLAGS.reps)
+        peak_n = peak * row["devices"]
+        row.update(seconds=seconds, tokens_per_s=row["length"] / seconds,
+                   tflops=flop_count / seconds / 1e12, mfu=flop_count / seconds / peak_n,
+                   memory_gb=(memory_bytes(compiled) or 0) / 1e9)
+        if FLAGS.profile and row["devices"] > 1:
+          split = profile_step_split(compiled, args)
+          if split.devices:   # CPU traces have no kernel events
+            row.update(profiled_devices=split.devices, busy_ms=split.busy_ms,
+                       comm_ms=split.comm_ms, exposed_comm_ms=split.exposed_comm_ms)
+      except Exception as e:  # e.g. out of memory at the longest lengths
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if "error" in row:
+      longest_failed = longest_failed or row["length"] in map(int, FLAGS.longest_lengths)
       yield row
-
-
-def _collectives_seconds(config, mesh, length):
-  from jax.sharding import PartitionSpec as P
-  from tnt_jax.parallel.context import previous_tokens
-  inner = config.num_heads * (config.head_dim or config.d_model // config.num_heads)
-  heads = config.num_heads
-  x = jnp.zeros((1, length * mesh.shape["context"], inner), jnp.bfloat16)
-
-  def per_device(x):
-    total = 0.0
-    for _ in range(config.num_layers):
-      for _ in range(3):                                 # q, k, v and their conv halos
-        total += jnp.sum(jax.lax.all_gather(x, "context", axis=1, tiled=True).astype(
-            jnp.float32))
-        total += jnp.sum(previous_tokens(x, 3, "context").astype(jnp.float32))
-      gates = x[..., :3 * heads]                          # theta, eta, alpha of the global
-      total += jnp.sum(jax.lax.all_gather(gates, "context", axis=1, tiled=True).astype(
-          jnp.float32))
-    return total[None]
-
-  fn = jax.shard_map(per_device, mesh=mesh, in_specs=P(None, "context"),
-                     out_specs=P("context"), check_vma=False)
-  grad = jax.jit(jax.grad(lambda x: jnp.sum(fn(x))))
-  return median_seconds(grad, (x,), FLAGS.warmup, FLAGS.reps)
+      continue
+    n, length = row["devices"], row["length"]
+    if n == 1:
+      single[length] = row["tokens_per_s"]
+    else:
+      if length in single:
+        row["strong_efficiency"] = row["tokens_per_s"] / (n * single[length])
+      if length // n in single:
+        row["weak_efficiency"] = row["tokens_per_s"] / (n * single[length // n])
+    yield row
 
 
 def format_context_row(r) -> str:
+  head = f"context {r['devices']} GPU T={r['length']:>7} {r['handoff']:>6}"
   if "error" in r:
-    return f"context {r['devices']} GPU T={r['length']}: FAILED {r['error']}"
-  extra = ""
-  if "efficiency" in r:
-    extra = (f"  scaling efficiency {100 * r['efficiency']:.0f}%  collectives alone "
-             f"{r['comm_ms']:.1f} ms ({100 * r['comm_ms'] / (1e3 * r['seconds']):.0f}% of step)")
-  return (f"context {r['devices']} GPU T={r['length']:>6} ({r['tokens_per_device']} per GPU): "
-          f"{r['tokens_per_s'] / 1e3:8.1f}K tok/s {r['seconds'] * 1e3:8.1f} ms  "
-          f"MFU {100 * r['mfu']:5.1f}%  mem {r['memory_gb']:6.2f} GB{extra}")
+    return f"{head}: FAILED {r['error']}"
+  extra = "".join(f"  {name} {100 * r[key]:.0f}%" for name, key in (
+      ("strong", "strong_efficiency"), ("weak", "weak_efficiency")) if key in r)
+  if "comm_ms" in r:
+    extra += (f"  NCCL {r['comm_ms']:.1f} ms ({100 * r['comm_ms'] / (1e3 * r['seconds']):.1f}%"
+              f" of step, exposed {r['exposed_comm_ms']:.1f} ms)")
+  return (f"{head} ({r['tokens_per_device']} per GPU): {r['tokens_per_s'] / 1e3:8.1f}K tok/s "
+          f"{r['seconds'] * 1e3:9.1f} ms  MFU {100 * r['mfu']:5.1f}%  mem "
+          f"{r['memory_gb']:6.2f} GB  compile {r['compile_s']:.0f} s{extra}")
 
 
 def format_decode_row(r) -> str:
