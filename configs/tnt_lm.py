@@ -71,7 +71,7 @@ def _mixer_options(kinds, size, chunk, local_chunks):
   for kind in options:   # the inner optimiser's stability knobs (tnt_jax/layers/configs.py)
     options[kind]["chunk_lr_budget"] = 0.25
     # with mesh.context > 1: how the global memory's state crosses devices (gather | chain)
-    options[kind]["global_handoff"] = "gather"
+    options[kind]["global_handoff"] = "chain"
   return options
 
 

@@ -44,7 +44,7 @@ flags.DEFINE_list("context_lengths", ["32768", "65536", "131072"],
                   "context mode: sequence lengths T (tokens per sequence, over all its GPUs)")
 flags.DEFINE_list("context_devices", ["1", "2", "4", "8"],
                   "context mode: context axis sizes N (those above the device count are skipped)")
-flags.DEFINE_list("global_handoffs", ["gather"],
+flags.DEFINE_list("global_handoffs", ["chain"],
                   "context mode: the global memory's hand-offs to compare (gather, chain)")
 flags.DEFINE_list("longest_lengths", [],
                   "context mode: then these T on the most devices, in order, until one fails")

@@ -75,7 +75,7 @@ class MemoryLayerConfig:
   alpha_bias: float = -5.0
   implementation: str = "xla"
   remat: bool = False
-  global_handoff: str = "gather"
+  global_handoff: str = "chain"
 
   def __post_init__(self):
     _positive_int("d_model", self.d_model)
