@@ -301,10 +301,16 @@ def plot(path: str, prefix: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = [json.loads(line) for line in open(path) if line.strip()]
+  import glob
+  files = sorted(glob.glob(path))
+  if not files:
+    raise FileNotFoundError(f"--plot={path!r} matches no file")
+  rows = [json.loads(line) for f in files for line in open(f) if line.strip()]
   rows = [r for r in rows if "error" not in r and r["mode"] == FLAGS.mode]
   if FLAGS.mode == "decode":
     return plot_decode(rows, prefix, plt)
+  if FLAGS.mode == "context":
+    return plot_context(rows, prefix, plt)
   for pass_name in sorted({r["passes"] for r in rows}):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = sorted({(r["model"], r["read"], r["length"]) for r in rows
@@ -379,6 +385,44 @@ def run_decode_mode(peak):
         yield dict(mode="decode", kind=kind, batch=batch, position=position,
                    step_ms=step * 1e3, tokens_per_s=batch / step, cache_mb=cache_bytes / 2**20,
                    prefill_s=prefill_s, layers=FLAGS.decode_layers, d_model=FLAGS.d_model)
+
+
+def plot_context(rows, prefix, plt):
+  """Left: tokens/s against GPUs per sequence, one line per T, ideal scaling dashed. Right:
+  tokens/s against T at 1 GPU and at the most GPUs. Repeated measurements are averaged."""
+  points = {}
+  for r in rows:
+    points.setdefault((r["length"], r["devices"], r["handoff"]), []).append(r["tokens_per_s"])
+  tps = {key: sum(v) / len(v) for key, v in points.items()}
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for length in sorted({t for t, n, _ in tps if n == 1}):   # lengths with a 1-GPU baseline
+    gather = sorted((n, v) for (t, n, h), v in tps.items() if t == length and h == "gather")
+    line, = left.plot(*zip(*gather), marker="o", label=f"T={length // 1024}K gather")
+    if gather[0][0] == 1:
+      left.plot([1, gather[-1][0]], [gather[0][1], gather[0][1] * gather[-1][0]], ls="--",
+                lw=0.8, color=line.get_color())
+    chain = sorted((n, v) for (t, n, h), v in tps.items() if t == length and h == "chain")
+    if chain:
+      left.plot(*zip(*chain), marker="s", ls="none", mfc="none", ms=9,
+                color=line.get_color(), label=f"T={length // 1024}K chain")
+  left.set(xscale="log", yscale="log", xlabel="GPUs per sequence (context axis)",
+           ylabel="tokens/s", title="strong scaling (dashed: ideal)")
+  left.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+  left.minorticks_off()
+  left.legend(fontsize=7)
+  for n in sorted({n for _, n, _ in tps}):
+    pts = sorted((t, v) for (t, m, h), v in tps.items() if m == n and h == "gather")
+    right.plot(*zip(*pts), marker="o", label=f"{n} GPU{'s' if n > 1 else ''}")
+  right.set(xscale="log", yscale="log", xlabel="tokens per sequence T", ylabel="tokens/s",
+            title="sequence length (gather hand-off)")
+  right.legend(fontsize=7)
+  for ax in (left, right):
+    ax.grid(alpha=0.3, which="both")
+  fig.suptitle(f"{rows[0].get('config', '')} training step, {rows[0]['device']}", fontsize=9)
+  fig.tight_layout()
+  out = f"{prefix}.png"
+  fig.savefig(out, dpi=120)
+  print("wrote", out)
 
 
 def plot_decode(rows, prefix, plt):
@@ -498,7 +542,9 @@ def run_context_mode(peak):
                    tflops=flop_count / seconds / 1e12, mfu=flop_count / seconds / peak_n,
                    memory_gb=(memory_bytes(compiled) or 0) / 1e9)
         if FLAGS.profile and row["devices"] > 1:
+          profile_start = time.perf_counter()
           split = profile_step_split(compiled, args)
+          row["profile_s"] = time.perf_counter() - profile_start   # trace + parse: slow at 8 GPUs
           if split.devices:   # CPU traces have no kernel events
             row.update(profiled_devices=split.devices, busy_ms=split.busy_ms,
                        comm_ms=split.comm_ms, exposed_comm_ms=split.exposed_comm_ms)
