@@ -451,9 +451,8 @@ def context_model_config(config_arg: str, handoff: str):
   from configs.tnt_lm import get_config
   from tnt_jax.train.trainer import lm_config
   config = lm_config(get_config(config_arg), vocab_size=256)
-  options = {kind: dict(o, global_handoff=handoff) if kind in config.pattern and
-             kind not in ("attention", "swa") else dict(o)
-             for kind, o in config.mixer_options.items()}
+  options = {kind: dict(o, global_handoff=handoff) if "global_handoff" in o else dict(o)
+             for kind, o in config.mixer_options.items()}   # the memory mixers have the key
   return dataclasses.replace(config, mixer_options=options)
 
 

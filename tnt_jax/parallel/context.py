@@ -13,14 +13,14 @@ Device d of the `axis` holds tokens [d L, (d + 1) L) of every sequence, L = T / 
   (activations of size T x d) and runs the global memory's chunk scan over the whole sequence
   itself, keeping its slice of the outputs; redundant scans, one collective each way.
   "chain" (default): a ppermute chain: in round r, device r scans its own slice from the state
-  device r - 1 handed it, then hands its final state on. Only the owner computes in a round, so the
-  critical path is the same D slice scans as one full scan, plus D hand-offs of the (small)
-  state; no gathered activations. The rounds are rematerialised (the backward recomputes the
-  owner's slice scan), so memory holds one round's residuals, not D.
+  device r - 1 handed it, then hands its final state on. Only the owner computes in a round,
+  so the critical path is the same D slice scans as one full scan, plus D hand-offs of the
+  (small) state; no gathered activations. The rounds are rematerialised (the backward
+  recomputes the owner's slice scan), so memory holds one round's residuals, not D.
   Measured on 8 H200s (docs/context_scaling.md): the chain took 20% less time a step at 128K
   tokens (16K per GPU) and less memory; at 32K-64K the two are within 6%. Hence the default.
-- Gradients flow through all of it (all_gather's transpose is a reduce-scatter), so the same
-  function serves training.
+- Gradients flow through all of it (all_gather's transpose is a reduce-scatter, ppermute's the
+  reverse ppermute), so the same function serves training.
 
 Batch dimensions may be split over other mesh axes at the same time (`batch_axes`), e.g. a
 (data, context) mesh. Halo exchange for the causal convolutions and sliding-window attention of
