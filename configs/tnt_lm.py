@@ -4,8 +4,9 @@ r"""Decoder LMs with TNT, Titans, TTT, LaCT or attention token mixers, stages 1 
 
 Argument string (comma-separated key=value; all optional):
   size     tiny (CPU, minutes; the default) | small (~30M, one GPU) | paper150m (TNT paper)
-  mixer    tnt | titans | ttt_linear | ttt_mlp | lact | attention | swa, or a per-layer
-           pattern joined by "+" (e.g. swa+tnt alternates blocks)
+  mixer    tnt | titans | ttt_linear | ttt_mlp | lact | attention | swa, a Titans hybrid
+           mag:<memory> | mal:<memory> (e.g. mag:tnt), or a per-layer pattern joined by "+"
+           (e.g. swa+tnt alternates blocks)
   chunk    Titans/TTT/LaCT chunk size, or TNT's local chunk when `local_chunks` is not given
   local_chunks  TNT local chunk sizes joined by "+" (e.g. 4+8+16+32, one local memory each)
   stage    1 (default) | 2: TNT stage 2: continue from --config.init_from with local chunks
@@ -60,7 +61,7 @@ def parse_args(arg: str, allowed=ARGS) -> dict[str, str]:
 
 def _mixer_options(kinds, size, chunk, local_chunks):
   options = {}
-  for kind in kinds:
+  for kind in (k.partition(":")[2] or k for k in kinds):   # a hybrid's memory: mag:tnt -> tnt
     if kind == "tnt":
       options[kind] = dict(global_chunk=size["global_chunk"], local_chunks=local_chunks,
                            shard_lengths=size["shard"])
@@ -141,7 +142,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, context=1))
 
   if stage == 2:
-    if "tnt" not in kinds:
+    if "tnt" not in {k.partition(":")[2] or k for k in kinds}:   # mag:tnt has TNT locals
       raise ValueError(f"stage=2 adapts TNT's local memories; mixer={'+'.join(kinds)} has none")
     stage2_chunks = tuple(int(x) for x in args.get("stage2_chunks", "1").split("+"))
     if len(stage2_chunks) == 1:

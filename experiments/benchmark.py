@@ -496,9 +496,9 @@ def run_context_mode(peak):
                    nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))), nnx.Param))))
     try:
       for i in range(config.num_layers):
-        mixer = config.mixer_config(i)
-        if hasattr(mixer, "memory_config"):
-          check_context_split(length, n, mixer.memory_config())
+        for mixer in config.mixer_parts(i):
+          if hasattr(mixer, "memory_config"):
+            check_context_split(length, n, mixer.memory_config())
       model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
       params = model.initial_params()
       mesh = None

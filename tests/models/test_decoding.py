@@ -22,12 +22,14 @@ OPTIONS = {
     "lact": dict(chunk_size=8),
 }
 PATTERNS = {name: (name,) for name in OPTIONS} | {
-    "attention": ("attention",), "swa": ("swa",), "swa+tnt": ("swa", "tnt")}
+    "attention": ("attention",), "swa": ("swa",), "swa+tnt": ("swa", "tnt"),
+    "mag_tnt": ("mag:tnt",), "mal_titans": ("mal:titans",)}
 
 
 def make_model(pattern, seed=0):
   config = LMConfig(vocab_size=11, d_model=16, num_layers=2, num_heads=2, pattern=pattern,
-                    mixer_options={k: v for k, v in OPTIONS.items() if k in pattern},
+                    mixer_options={k: v for k, v in OPTIONS.items()
+                                   if k in (p.partition(":")[2] or p for p in pattern)},
                     window=6, dtype="float64")
   return LanguageModel(config, rngs=nnx.Rngs(seed))
 

@@ -98,6 +98,7 @@ class ContextParallelModelTest(parameterized.TestCase):
       ("tnt_context4", ("tnt",), 1, 4),
       ("swa_tnt_data2_context2", ("swa", "tnt"), 2, 2),
       ("attention_titans_data2_context2", ("attention", "titans"), 2, 2),
+      ("mag_tnt_data2_context2", ("mag:tnt",), 2, 2),   # Titans MAG: SWA halo + TNT, one block
   )
   def test_loss_and_gradients_equal_single_device(self, pattern, data, context):
     from flax import nnx

@@ -3,8 +3,11 @@
 `pattern` names the mixer of each block, repeated cyclically over `num_layers`:
   memory mixers: "tnt", "titans", "ttt_linear", "ttt_mlp", "lact" (tnt_jax/layers presets)
   attention:     "attention" (full causal), "swa" (sliding window of `window` tokens)
+  hybrids:       "mag:<memory>", "mal:<memory>" (Titans MAG / MAL in one block: sliding-window
+                 attention with that memory kind; tnt_jax/layers/hybrid.py)
 so ("tnt",) is a pure TNT model and ("swa", "tnt") alternates. `mixer_options[kind]` overrides
-the fields of that kind's layer config (e.g. {"tnt": {"local_chunks": (8,)}}).
+the fields of that kind's layer config (e.g. {"tnt": {"local_chunks": (8,)}}); a hybrid's memory
+takes its memory kind's options.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Mapping
 
 from tnt_jax.layers.attention import AttentionConfig
 from tnt_jax.layers.configs import PRESETS, MemoryLayerConfig, preset
+from tnt_jax.layers.hybrid import HYBRIDS, HybridConfig
 
 ATTENTION_MIXERS = ("attention", "swa")
 MIXERS = tuple(PRESETS) + ATTENTION_MIXERS
@@ -50,9 +54,11 @@ class LMConfig:
     if not self.pattern:
       raise ValueError("model pattern is empty; name at least one mixer, e.g. ('tnt',)")
     for kind in self.pattern:
-      if kind not in MIXERS:
+      hybrid, _, memory = kind.partition(":")
+      if kind not in MIXERS and not (hybrid in HYBRIDS and memory in PRESETS):
         raise ValueError(f"mixer {kind!r} in pattern={self.pattern} is unknown; expected one "
-                         f"of {MIXERS}")
+                         f"of {MIXERS}, or a hybrid {'/'.join(HYBRIDS)}:<memory kind> with a "
+                         f"memory kind in {tuple(PRESETS)} (e.g. mag:tnt)")
     for kind in self.mixer_options:
       if kind not in MIXERS:
         raise ValueError(f"mixer_options has unknown mixer {kind!r}; expected one of {MIXERS}")
@@ -66,8 +72,19 @@ class LMConfig:
   def mixer_kind(self, layer: int) -> str:
     return self.pattern[layer % len(self.pattern)]
 
-  def mixer_config(self, layer: int) -> MemoryLayerConfig | AttentionConfig:
+  def mixer_config(self, layer: int) -> MemoryLayerConfig | AttentionConfig | HybridConfig:
     kind = self.mixer_kind(layer)
+    hybrid, _, memory = kind.partition(":")
+    if hybrid in HYBRIDS:
+      return HybridConfig(hybrid, self._kind_config(memory), self._kind_config("swa"))
+    return self._kind_config(kind)
+
+  def mixer_parts(self, layer: int) -> tuple[MemoryLayerConfig | AttentionConfig, ...]:
+    """The memory layers and attentions that layer's mixer is made of."""
+    mixer = self.mixer_config(layer)
+    return mixer.parts() if isinstance(mixer, HybridConfig) else (mixer,)
+
+  def _kind_config(self, kind: str) -> MemoryLayerConfig | AttentionConfig:
     options = dict(self.mixer_options.get(kind, {}))
     common = dict(d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim)
     if kind in ATTENTION_MIXERS:

@@ -9,12 +9,12 @@ def lm_train_flops(config: LMConfig, batch: int, seq_len: int) -> float:
   tokens = batch * seq_len
   fwd = 2.0 * tokens * config.d_model * config.vocab_size          # output head
   for layer in range(config.num_layers):
-    mixer = config.mixer_config(layer)
     fwd += 2.0 * tokens * 3 * config.d_model * config.mlp_hidden    # SwiGLU
-    if isinstance(mixer, AttentionConfig):
-      inner = mixer.num_heads * mixer.head_dim
-      span = seq_len / 2 if mixer.window is None else min(mixer.window, seq_len)
-      fwd += 2.0 * tokens * 5 * config.d_model * inner + 4.0 * tokens * span * inner
-    else:
-      fwd += memory_layer_flops(mixer, batch, seq_len, backward=False)
+    for mixer in config.mixer_parts(layer):
+      if isinstance(mixer, AttentionConfig):
+        inner = mixer.num_heads * mixer.head_dim
+        span = seq_len / 2 if mixer.window is None else min(mixer.window, seq_len)
+        fwd += 2.0 * tokens * 5 * config.d_model * inner + 4.0 * tokens * span * inner
+      else:
+        fwd += memory_layer_flops(mixer, batch, seq_len, backward=False)
   return 3.0 * fwd

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnt_jax.layers.attention import Attention, AttentionConfig
+from tnt_jax.layers.hybrid import HybridConfig, HybridMixer
 from tnt_jax.layers.memory_layer import MemoryLayer, count_params
 from tnt_jax.layers.mlp import SwiGLU
 from tnt_jax.layers.norms import RMSNorm
@@ -24,6 +25,8 @@ class Block(nnx.Module):
     self.mixer_norm = RMSNorm(config.d_model)
     if isinstance(mixer_config, AttentionConfig):
       self.mixer = Attention(mixer_config, rngs=rngs, dtype=dtype)
+    elif isinstance(mixer_config, HybridConfig):
+      self.mixer = HybridMixer(mixer_config, rngs=rngs, dtype=dtype)
     else:
       self.mixer = MemoryLayer(mixer_config, rngs=rngs, dtype=dtype)
     self.mlp_norm = RMSNorm(config.d_model)
@@ -110,8 +113,9 @@ class LanguageModel(nnx.Module):
   def init_cache(self, batch: int, max_length: int | None = None) -> dict:
     """Every block's recurrent state before the first token. max_length: the longest stream
     (prompt + generated); needed only by full-attention blocks, whose cache grows with it."""
-    return {"blocks": [block.mixer.init_cache(batch, max_length)
-                       if isinstance(block.mixer, Attention) else block.mixer.init_cache(batch)
+    return {"blocks": [block.mixer.init_cache(batch)
+                       if isinstance(block.mixer, MemoryLayer)
+                       else block.mixer.init_cache(batch, max_length)
                        for block in self.blocks],
             "position": jnp.zeros((), jnp.int32)}
 

@@ -96,14 +96,14 @@ def _check_context_split(seq_len: int, context: int, model_config: LMConfig) -> 
     raise ValueError(f"data.seq_len={seq_len} does not split over mesh.context={context} "
                      "devices (it must be a multiple)")
   for layer in range(model_config.num_layers):
-    mixer = model_config.mixer_config(layer)
-    if isinstance(mixer, AttentionConfig):
-      if mixer.window is not None and mixer.window - 1 > seq_len // context:
-        raise ValueError(f"SWA window {mixer.window} needs {mixer.window - 1} tokens of the "
-                         f"previous device, more than its slice of {seq_len // context} "
-                         f"(seq_len={seq_len} over context={context})")
-    else:
-      check_context_split(seq_len, context, mixer.memory_config())
+    for mixer in model_config.mixer_parts(layer):
+      if isinstance(mixer, AttentionConfig):
+        if mixer.window is not None and mixer.window - 1 > seq_len // context:
+          raise ValueError(f"SWA window {mixer.window} needs {mixer.window - 1} tokens of the "
+                           f"previous device, more than its slice of {seq_len // context} "
+                           f"(seq_len={seq_len} over context={context})")
+      else:
+        check_context_split(seq_len, context, mixer.memory_config())
 
 
 def _is_finite(metrics) -> bool:

@@ -1,0 +1,84 @@
+"""Titans' attention hybrids, each one token mixer of a block (SPEC §3).
+
+  "mag:<memory>"  MAG, memory as a gate: sliding-window attention and a memory layer read the
+                  same input side by side; o = RMSNorm(attention(x)) * sigmoid(RMSNorm(memory(x))),
+                  the two outputs normalised with learned vector weights and then gated
+                  (Titans §4.2).
+  "mal:<memory>"  MAL, memory as a layer: the memory layer, then sliding-window attention over its
+                  output, o = attention(memory(x)) (Titans §4.3).
+
+<memory> is any memory-layer kind (titans, tnt, ...), configured by that kind's mixer options;
+so "mag:tnt" is TNT-Titans MAG. Both run context-parallel and decode through their parts'
+caches. Not yet here: Titans' persistent memory tokens and MAC (issue 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from tnt_jax.layers.attention import Attention, AttentionConfig
+from tnt_jax.layers.configs import MemoryLayerConfig
+from tnt_jax.layers.memory_layer import MemoryLayer
+from tnt_jax.layers.norms import RMSNorm
+
+Array = jax.Array
+HYBRIDS = ("mag", "mal")
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+  kind: str                      # "mag" | "mal"
+  memory: MemoryLayerConfig
+  attention: AttentionConfig
+
+  def __post_init__(self):
+    if self.kind not in HYBRIDS:
+      raise ValueError(f"hybrid kind={self.kind!r} must be one of {HYBRIDS}")
+    if self.memory.d_model != self.attention.d_model:
+      raise ValueError(f"hybrid {self.kind}: memory d_model={self.memory.d_model} and "
+                       f"attention d_model={self.attention.d_model} differ")
+
+  def parts(self) -> tuple[MemoryLayerConfig, AttentionConfig]:
+    return self.memory, self.attention
+
+
+class HybridMixer(nnx.Module):
+
+  def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs, dtype=None):
+    self.config = config
+    self.memory = MemoryLayer(config.memory, rngs=rngs, dtype=dtype)
+    self.attention = Attention(config.attention, rngs=rngs, dtype=dtype)
+    if config.kind == "mag":
+      self.attention_norm = RMSNorm(config.attention.d_model)
+      self.memory_norm = RMSNorm(config.memory.d_model)
+
+  def _gate(self, attended: Array, remembered: Array) -> Array:
+    return self.attention_norm(attended) * jax.nn.sigmoid(self.memory_norm(remembered))
+
+  def __call__(self, x_BxTxD: Array, context_axis: str | None = None) -> Array:
+    if self.config.kind == "mag":
+      return self._gate(self.attention(x_BxTxD, context_axis),
+                        self.memory(x_BxTxD, context_axis))
+    return self.attention(self.memory(x_BxTxD, context_axis), context_axis)
+
+  # --- streaming and decoding: the parts' caches side by side ---
+
+  def init_cache(self, batch: int, max_length: int | None = None) -> dict:
+    return {"memory": self.memory.init_cache(batch),
+            "attention": self.attention.init_cache(batch, max_length)}
+
+  def alignment(self) -> int:
+    return self.memory.alignment()   # attention extends from any position
+
+  def extend(self, x_BxTxD: Array, cache: dict) -> tuple[Array, dict]:
+    if self.config.kind == "mag":
+      attended, attention_cache = self.attention.extend(x_BxTxD, cache["attention"])
+      remembered, memory_cache = self.memory.extend(x_BxTxD, cache["memory"])
+      out = self._gate(attended, remembered)
+    else:
+      remembered, memory_cache = self.memory.extend(x_BxTxD, cache["memory"])
+      out, attention_cache = self.attention.extend(remembered, cache["attention"])
+    return out, {"memory": memory_cache, "attention": attention_cache}
