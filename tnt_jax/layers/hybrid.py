@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from tnt_jax.layers.attention import Attention, AttentionConfig
@@ -47,7 +48,7 @@ class HybridConfig:
 
 class HybridMixer(nnx.Module):
 
-  def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs, dtype=None):
+  def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.config = config
     self.memory = MemoryLayer(config.memory, rngs=rngs, dtype=dtype)
     self.attention = Attention(config.attention, rngs=rngs, dtype=dtype)
