@@ -51,6 +51,8 @@ flags.DEFINE_list("longest_lengths", [],
 flags.DEFINE_integer("compile_threads", 8, "context mode: variants compiled at once")
 flags.DEFINE_bool("profile", True, "context mode: profile each multi-device step to split "
                   "communication from compute (tnt_jax/profiling.py)")
+flags.DEFINE_integer("profile_devices", 2, "context mode: GPUs whose kernels the profile split "
+                     "reads (0: all; each costs a walk over its kernel events in Python)")
 flags.DEFINE_list("decode_kinds", ["tnt", "titans", "swa", "attention"],
                   "decode mode: the mixer of every block")
 flags.DEFINE_list("positions", ["1024", "8192", "32768"], "decode mode: stream positions")
@@ -542,7 +544,8 @@ def run_context_mode(peak):
                    memory_gb=(memory_bytes(compiled) or 0) / 1e9)
         if FLAGS.profile and row["devices"] > 1:
           profile_start = time.perf_counter()
-          split = profile_step_split(compiled, args)
+          split = profile_step_split(compiled, args,
+                                     max_devices=FLAGS.profile_devices or None)
           row["profile_s"] = time.perf_counter() - profile_start   # trace + parse: slow at 8 GPUs
           if split.devices:   # CPU traces have no kernel events
             row.update(profiled_devices=split.devices, busy_ms=split.busy_ms,

@@ -53,6 +53,10 @@ class ProfilingTest(absltest.TestCase):
     self.assertAlmostEqual(split.busy_ms, (180 + 200) / 2 / 2 / 1e6)
     self.assertAlmostEqual(split.comm_ms, (50 + 100) / 2 / 2 / 1e6)
     self.assertAlmostEqual(split.exposed_comm_ms, (30 + 0) / 2 / 2 / 1e6)
+    first = profiling.split_profile(profile, steps=1, max_devices=1)   # GPU 0 alone
+    self.assertEqual(first.devices, 1)
+    self.assertAlmostEqual(first.busy_ms, 180 / 1e6)
+    self.assertAlmostEqual(first.exposed_comm_ms, 30 / 1e6)
 
   def test_profile_of_a_real_step(self):
     fn = jax.jit(lambda x: x @ x)

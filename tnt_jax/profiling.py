@@ -79,12 +79,16 @@ def is_communication(kernel_name: str) -> bool:
   return any(marker in name for marker in COMM_MARKERS)
 
 
-def split_profile(profile, steps: int = 1) -> TimeSplit:
-  """TimeSplit of a jax.profiler.ProfileData holding `steps` runs of a step."""
+def split_profile(profile, steps: int = 1, max_devices: int | None = None) -> TimeSplit:
+  """TimeSplit of a jax.profiler.ProfileData holding `steps` runs of a step. max_devices: read
+  only the first that many device planes (by name): walking every kernel event in Python is
+  slow for a many-layer step on 8 GPUs."""
   per_device = []
-  for plane in profile.planes:
-    if not plane.name.startswith(DEVICE_PLANE_PREFIX):
-      continue
+  planes = sorted((p for p in profile.planes if p.name.startswith(DEVICE_PLANE_PREFIX)),
+                  key=lambda p: p.name)
+  for plane in planes:
+    if max_devices is not None and len(per_device) >= max_devices:
+      break
     comm, compute = [], []
     for line in plane.lines:
       if not line.name.lower().startswith("stream"):
@@ -105,7 +109,7 @@ def split_profile(profile, steps: int = 1) -> TimeSplit:
                    exposed_comm_ms=mean_ms(2))
 
 
-def profile_step_split(fn, args, steps: int = 1) -> TimeSplit:
+def profile_step_split(fn, args, steps: int = 1, max_devices: int | None = None) -> TimeSplit:
   """Run fn(*args) `steps` times under the profiler (after one untraced run) and split the
   device time (see the module doc)."""
   jax.block_until_ready(fn(*args))
@@ -116,4 +120,4 @@ def profile_step_split(fn, args, steps: int = 1) -> TimeSplit:
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
       raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
-    return split_profile(jax.profiler.ProfileData.from_file(paths[0]), steps)
+    return split_profile(jax.profiler.ProfileData.from_file(paths[0]), steps, max_devices)
