@@ -61,7 +61,7 @@ def parse_args(arg: str, allowed=ARGS) -> dict[str, str]:
 
 def _mixer_options(kinds, size, chunk, local_chunks):
   options = {}
-  for kind in (k.partition(":")[2] or k for k in kinds):   # a hybrid's memory: mag:tnt -> tnt
+  for kind in kinds:
     if kind == "tnt":
       options[kind] = dict(global_chunk=size["global_chunk"], local_chunks=local_chunks,
                            shard_lengths=size["shard"])
@@ -122,7 +122,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.model.head_dim = config_dict.placeholder(int)
   c.model.mlp_hidden = config_dict.placeholder(int)
   c.model.pattern = ",".join(kinds)
-  c.model.mixer_options = _mixer_options(kinds, size, chunk, local_chunks)
+  # the layer kinds that take options: a hybrid's memory (mag:tnt -> tnt), or the kind itself
+  layer_kinds = {k.partition(":")[2] or k for k in kinds}
+  c.model.mixer_options = _mixer_options(layer_kinds, size, chunk, local_chunks)
   c.model.window = min(512, size["seq_len"])
   c.model.tie_embeddings = True
   c.model.dtype = size["dtype"]
@@ -142,7 +144,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, context=1))
 
   if stage == 2:
-    if "tnt" not in {k.partition(":")[2] or k for k in kinds}:   # mag:tnt has TNT locals
+    if "tnt" not in layer_kinds:
       raise ValueError(f"stage=2 adapts TNT's local memories; mixer={'+'.join(kinds)} has none")
     stage2_chunks = tuple(int(x) for x in args.get("stage2_chunks", "1").split("+"))
     if len(stage2_chunks) == 1:

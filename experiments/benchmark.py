@@ -133,7 +133,10 @@ def op_inputs(config: MemoryConfig, batch, length, heads, head_dim, dtype):
 
 
 def timed_variant(fn, args, flop_count, peak, row):
-  compiled = jax.jit(fn).lower(*args).compile()
+  return time_compiled(jax.jit(fn).lower(*args).compile(), args, flop_count, peak, row)
+
+
+def time_compiled(compiled, args, flop_count, peak, row):
   seconds = median_seconds(compiled, args, FLAGS.warmup, FLAGS.reps)
   tokens = row["batch"] * row["length"]
   row.update(seconds=seconds, tokens_per_s=tokens / seconds, tflops=flop_count / seconds / 1e12,
@@ -459,17 +462,17 @@ def context_model_config(config_arg: str, handoff: str):
 
 
 def context_points():
-  """(total length T, context devices N, hand-off) to measure: every T x N that fits the
-  devices here (1-GPU points first, so efficiencies can be computed as rows come), then the
-  --longest_lengths on the most devices."""
+  """(total length T, context devices N, hand-off, is a --longest_lengths point): every T x N
+  that fits the devices here (1-GPU points first, so efficiencies can be computed as rows
+  come), then the --longest_lengths on the most devices."""
   available = jax.device_count()
   devices = sorted({int(n) for n in FLAGS.context_devices if int(n) <= available})
   for n in devices:
     for length in map(int, FLAGS.context_lengths):
       for handoff in (FLAGS.global_handoffs if n > 1 else ["gather"]):
-        yield length, n, handoff
+        yield length, n, handoff, False
   for length in map(int, FLAGS.longest_lengths):
-    yield length, devices[-1], FLAGS.global_handoffs[0]
+    yield length, devices[-1], FLAGS.global_handoffs[0], True
 
 
 def run_context_mode(peak):
@@ -482,27 +485,24 @@ def run_context_mode(peak):
   from tnt_jax.models import LanguageModel
   from tnt_jax.models.flops import lm_train_flops
   from tnt_jax.parallel import mesh as mesh_lib
-  from tnt_jax.parallel.context import check_context_split, use_gspmd_on_gpu
+  from tnt_jax.parallel.context import use_gspmd_on_gpu
   from tnt_jax.profiling import profile_step_split
   from tnt_jax.train.step import ModelFunctions, token_losses
+  from tnt_jax.train.trainer import check_model_context_split
   points = list(context_points())
-  if max(n for _, n, _ in points) > 1 and use_gspmd_on_gpu():
+  if max(n for _, n, _, _ in points) > 1 and use_gspmd_on_gpu():
     print("using the GSPMD partitioner (see tnt_jax/parallel/context.py use_gspmd_on_gpu)")
   variants = []
-  for length, n, handoff in points:
+  for length, n, handoff, longest in points:
     config = context_model_config(FLAGS.context_config, handoff)
     row = dict(mode="context", config=FLAGS.context_config, devices=n, length=length,
-               tokens_per_device=length // n, handoff=handoff, batch=1,
-               device=jax.devices()[0].device_kind,
-               params=sum(x.size for x in jax.tree.leaves(nnx.state(
-                   nnx.eval_shape(lambda: LanguageModel(config, rngs=nnx.Rngs(0))), nnx.Param))))
+               tokens_per_device=length // n, handoff=handoff, batch=1, longest=longest,
+               device=jax.devices()[0].device_kind)
     try:
-      for i in range(config.num_layers):
-        for mixer in config.mixer_parts(i):
-          if hasattr(mixer, "memory_config"):
-            check_context_split(length, n, mixer.memory_config())
+      check_model_context_split(length, n, config)
       model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
       params = model.initial_params()
+      row["params"] = sum(x.size for x in jax.tree.leaves(params))
       mesh = None
       if n > 1:
         grid = np.asarray(jax.devices()[:n]).reshape(1, 1, n)
@@ -532,16 +532,12 @@ def run_context_mode(peak):
 
   single, longest_failed = {}, False
   for (row, _, args, flop_count), future in zip(variants, futures):
-    if future is not None and longest_failed and row["length"] in map(int, FLAGS.longest_lengths):
+    if future is not None and longest_failed and row["longest"]:
       row["error"] = "skipped: a shorter --longest_lengths entry failed"
     elif future is not None:
       try:
         compiled, row["compile_s"] = future.result()
-        seconds = median_seconds(compiled, args, FLAGS.warmup, FLAGS.reps)
-        peak_n = peak * row["devices"]
-        row.update(seconds=seconds, tokens_per_s=row["length"] / seconds,
-                   tflops=flop_count / seconds / 1e12, mfu=flop_count / seconds / peak_n,
-                   memory_gb=(memory_bytes(compiled) or 0) / 1e9)
+        time_compiled(compiled, args, flop_count, peak * row["devices"], row)
         if FLAGS.profile and row["devices"] > 1:
           profile_start = time.perf_counter()
           split = profile_step_split(compiled, args,
@@ -553,7 +549,7 @@ def run_context_mode(peak):
       except Exception as e:  # e.g. out of memory at the longest lengths
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if "error" in row:
-      longest_failed = longest_failed or row["length"] in map(int, FLAGS.longest_lengths)
+      longest_failed = longest_failed or row["longest"]
       yield row
       continue
     n, length = row["devices"], row["length"]

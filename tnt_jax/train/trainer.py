@@ -87,7 +87,7 @@ def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
                      f"{model_config.pattern} has no 'tnt' mixer")
 
 
-def _check_context_split(seq_len: int, context: int, model_config: LMConfig) -> None:
+def check_model_context_split(seq_len: int, context: int, model_config: LMConfig) -> None:
   """Before anything compiles: the sequence splits over the context axis into whole local
   shards of every TNT layer, and every SWA halo fits in one device's slice."""
   if context == 1:
@@ -159,7 +159,7 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   model_config = lm_config(config, vocab.vocab_size)
   mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("context", 1))
   mesh_lib.check_batch_divides(data_cfg.batch_size, mesh)
-  _check_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
+  check_model_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
   if mesh.shape["context"] > 1 and use_gspmd_on_gpu():
     log("context parallelism on GPU: using the GSPMD partitioner (XLA's Shardy path crashes "
         "compiling this backward with jax 0.11; docs/context_parallel.md)")
