@@ -52,6 +52,63 @@ def rope(x_BxTxHxD: Array, positions_T: Array, base: float) -> Array:
   return out.astype(x_BxTxHxD.dtype)
 
 
+def attend(q_BxTxHxD: Array, positions_T: Array, keys_BxSxHxD: Array, values_BxSxHxD: Array,
+           key_pos_S: Array, window: int | None) -> Array:
+  """Causal (and windowed) softmax attention of queries at `positions` over keys at `key_pos`
+  (< 0: an empty slot), scores and softmax in float32. The explicit-position form serves
+  KV caches, context-parallel halos and any mixer that attends over keys it assembled."""
+  visible = (key_pos_S[None, :] >= 0) & (key_pos_S[None, :] <= positions_T[:, None])
+  if window is not None:
+    visible &= key_pos_S[None, :] > positions_T[:, None] - window
+  acc = jnp.promote_types(q_BxTxHxD.dtype, jnp.float32)
+  scores = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, keys_BxSxHxD, preferred_element_type=acc)
+  scale = jnp.sqrt(q_BxTxHxD.shape[-1]).astype(acc)
+  scores = jnp.where(visible, scores / scale, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum("bhts,bshd->bthd", probs.astype(q_BxTxHxD.dtype), values_BxSxHxD,
+                    preferred_element_type=acc).astype(q_BxTxHxD.dtype)
+
+
+def init_kv_ring(batch: int, slots: int, num_heads: int, head_dim: int, dtype) -> dict:
+  """A ring of `slots` keys and values; slot_pos holds each slot's stream position (-1: empty)."""
+  shape = (batch, slots, num_heads, head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "slot_pos": jnp.full((slots,), -1, jnp.int32)}
+
+
+def attend_and_write(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, positions_T: Array,
+                     ring: dict, window: int | None) -> tuple[Array, dict]:
+  """Attend T new tokens over the ring's keys and each other, then write them into the ring
+  (only the last `slots` new keys can be seen again)."""
+  t, slots = k_BxTxHxD.shape[1], ring["k"].shape[1]
+  keys = jnp.concatenate([ring["k"], k_BxTxHxD], axis=1)
+  values = jnp.concatenate([ring["v"], v_BxTxHxD], axis=1)
+  key_pos = jnp.concatenate([ring["slot_pos"], positions_T])
+  o = attend(q_BxTxHxD, positions_T, keys, values, key_pos, window)
+  keep = min(t, slots)
+  write = positions_T[t - keep:] % slots
+  ring = {"k": ring["k"].at[:, write].set(k_BxTxHxD[:, t - keep:]),
+          "v": ring["v"].at[:, write].set(v_BxTxHxD[:, t - keep:]),
+          "slot_pos": ring["slot_pos"].at[write].set(positions_T[t - keep:])}
+  return o, ring
+
+
+def windowed_halo(k_BxTxHxD: Array, v_BxTxHxD: Array, positions_T: Array, window: int | None,
+                  axis: str) -> tuple[Array, Array, Array]:
+  """Context parallelism: the keys and values this device's queries can see, with positions.
+  Full attention all-gathers them; a window takes the previous device's last window - 1."""
+  if window is None:
+    gather = lambda y: jax.lax.all_gather(y, axis, axis=1, tiled=True)
+    keys, values = gather(k_BxTxHxD), gather(v_BxTxHxD)
+    return keys, values, jnp.arange(keys.shape[1], dtype=jnp.int32)
+  halo = window - 1
+  keys = jnp.concatenate([previous_tokens(k_BxTxHxD, halo, axis), k_BxTxHxD], axis=1)
+  values = jnp.concatenate([previous_tokens(v_BxTxHxD, halo, axis), v_BxTxHxD], axis=1)
+  key_pos = jnp.concatenate([positions_T[0] - halo + jnp.arange(halo, dtype=jnp.int32),
+                             positions_T])
+  return keys, values, key_pos
+
+
 class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -96,49 +153,25 @@ class Attention(nnx.Module):
                                      implementation=impl)
     return self._output(o, x)
 
-  def _attend(self, q, positions, keys, values, key_pos):
-    """Causal (and windowed) softmax attention of queries at `positions` over keys at
-    `key_pos` (< 0: an empty slot), in float32."""
-    c = self.config
-    visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None])
-    if c.window is not None:
-      visible &= key_pos[None, :] > positions[:, None] - c.window
-    acc = jnp.promote_types(q.dtype, jnp.float32)
-    scores = jnp.einsum("bthd,bshd->bhts", q, keys, preferred_element_type=acc)
-    scores = jnp.where(visible, scores / jnp.sqrt(c.head_dim).astype(acc), -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(q.dtype), values,
-                      preferred_element_type=acc).astype(q.dtype)
-
   def _context_parallel(self, x, axis):
-    c = self.config
     length = x.shape[1]
     start = jax.lax.axis_index(axis) * length
     positions = start + jnp.arange(length, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
-    if c.window is None:
-      gather = lambda y: jax.lax.all_gather(y, axis, axis=1, tiled=True)
-      keys, values = gather(k), gather(v)
-      key_pos = jnp.arange(keys.shape[1], dtype=jnp.int32)
-    else:
-      halo = c.window - 1
-      keys = jnp.concatenate([previous_tokens(k, halo, axis), k], axis=1)
-      values = jnp.concatenate([previous_tokens(v, halo, axis), v], axis=1)
-      key_pos = jnp.concatenate([start - halo + jnp.arange(halo, dtype=jnp.int32), positions])
-    return self._output(self._attend(q, positions, keys, values, key_pos), x)
+    keys, values, key_pos = windowed_halo(k, v, positions, self.config.window, axis)
+    return self._output(attend(q, positions, keys, values, key_pos, self.config.window), x)
 
   # --- streaming and decoding: a KV cache, a ring of the last `window` keys for SWA ---
 
   def init_cache(self, batch: int, max_length: int | None = None) -> dict:
     """Slots for the keys a future token can see: the window (SWA), or max_length tokens (full
-    attention, which needs it). slot_pos holds each slot's stream position (-1: empty)."""
+    attention, which needs it)."""
     c = self.config
     if c.window is None and max_length is None:
       raise ValueError("full attention keeps every key: init_cache needs max_length")
     slots = c.window if max_length is None else min(c.window or max_length, max_length)
-    shape = (batch, slots, c.num_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
-            "slot_pos": jnp.full((slots,), -1, jnp.int32), "position": jnp.zeros((), jnp.int32)}
+    return dict(init_kv_ring(batch, slots, c.num_heads, c.head_dim, self.dtype),
+                position=jnp.zeros((), jnp.int32))
 
   def alignment(self) -> int:
     return 1
@@ -148,20 +181,10 @@ class Attention(nnx.Module):
 
     Full attention's cache must hold the whole stream: past max_length (init_cache) the oldest
     keys would be overwritten, so callers check the length first (models/decoding.py)."""
-    c = self.config
     x = x_BxTxD.astype(self.dtype)
-    t, slots = x.shape[1], cache["k"].shape[1]
     start = cache["position"]
-    positions = start + jnp.arange(t, dtype=jnp.int32)
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
     q, k, v = self._project(x, positions)
-    keys = jnp.concatenate([cache["k"], k], axis=1)
-    values = jnp.concatenate([cache["v"], v], axis=1)
-    key_pos = jnp.concatenate([cache["slot_pos"], positions])
-    o = self._attend(q, positions, keys, values, key_pos)
-    keep = min(t, slots)              # only the last `slots` new keys can be seen again
-    write = (positions[t - keep:] % slots)
-    cache = {"k": cache["k"].at[:, write].set(k[:, t - keep:]),
-             "v": cache["v"].at[:, write].set(v[:, t - keep:]),
-             "slot_pos": cache["slot_pos"].at[write].set(positions[t - keep:]),
-             "position": start + t}
-    return self._output(o, x), cache
+    ring = {name: cache[name] for name in ("k", "v", "slot_pos")}
+    o, ring = attend_and_write(q, k, v, positions, ring, self.config.window)
+    return self._output(o, x), dict(ring, position=start + x.shape[1])
