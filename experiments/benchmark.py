@@ -507,15 +507,22 @@ def run_context_mode(peak):
       if n > 1:
         grid = np.asarray(jax.devices()[:n]).reshape(1, 1, n)
         mesh = jax.sharding.Mesh(grid, mesh_lib.AXES)
-      tokens = jax.random.randint(jax.random.key(0), (1, length), 0, 256)
-      batch = {"inputs": tokens, "targets": tokens, "loss_mask": jnp.ones((1, length))}
+
+      def make_batch(length=length):
+        tokens = jax.random.randint(jax.random.key(0), (1, length), 0, 256)
+        return {"inputs": tokens, "targets": tokens, "loss_mask": jnp.ones((1, length))}
+
+      def make_args(model=model, make_batch=make_batch):
+        # built again right before timing, so no other variant's arrays sit in GPU memory
+        return model.initial_params(), make_batch()
 
       def loss(params, batch, model=model, mesh=mesh):
         s, c = token_losses(model, params, batch, mesh=mesh)
         return s / c
 
-      lowered = jax.jit(jax.grad(loss)).lower(params, batch)
-      variants.append((row, lowered, (params, batch), lm_train_flops(config, 1, length)))
+      lowered = jax.jit(jax.grad(loss)).lower(params, make_batch())
+      del params
+      variants.append((row, lowered, make_args, lm_train_flops(config, 1, length)))
     except Exception as e:
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       variants.append((row, None, None, None))
@@ -531,13 +538,20 @@ def run_context_mode(peak):
         f"({FLAGS.compile_threads} threads)", flush=True)
 
   single, longest_failed = {}, False
-  for (row, _, args, flop_count), future in zip(variants, futures):
+  for (row, _, make_args, flop_count), future in zip(variants, futures):
     if future is not None and longest_failed and row["longest"]:
       row["error"] = "skipped: a shorter --longest_lengths entry failed"
     elif future is not None:
       try:
         compiled, row["compile_s"] = future.result()
+        args = make_args()
+        before = device_peak_bytes(row["devices"] - 1)
         time_compiled(compiled, args, flop_count, peak * row["devices"], row)
+        measured = device_peak_bytes(row["devices"] - 1)
+        if measured is not None:
+          # The allocator's peak cannot be reset: a peak that did not grow is only a bound.
+          row.update(measured_peak_gb=measured / 1e9,
+                     measured_peak_is_bound=before is not None and measured <= before)
         if FLAGS.profile and row["devices"] > 1:
           profile_start = time.perf_counter()
           split = profile_step_split(compiled, args,
@@ -563,6 +577,15 @@ def run_context_mode(peak):
     yield row
 
 
+def device_peak_bytes(index: int) -> int | None:
+  """The largest GPU memory in use on jax.devices()[index] so far (None where the backend
+  keeps no statistics, e.g. CPU). Context points run from fewer to more devices and from
+  shorter to longer sequences, and the last device of an N-device mesh is first used by it,
+  so this is the running point's own peak unless it did not grow (then only a bound)."""
+  stats = jax.devices()[index].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
 def format_context_row(r) -> str:
   head = f"context {r['devices']} GPU T={r['length']:>7} {r['handoff']:>6}"
   if "error" in r:
@@ -572,9 +595,13 @@ def format_context_row(r) -> str:
   if "comm_ms" in r:
     extra += (f"  NCCL {r['comm_ms']:.1f} ms ({100 * r['comm_ms'] / (1e3 * r['seconds']):.1f}%"
               f" of step, exposed {r['exposed_comm_ms']:.1f} ms)")
+  measured = ""
+  if "measured_peak_gb" in r:
+    measured = (f" (measured peak {'<= ' if r['measured_peak_is_bound'] else ''}"
+                f"{r['measured_peak_gb']:.2f} GB)")
   return (f"{head} ({r['tokens_per_device']} per GPU): {r['tokens_per_s'] / 1e3:8.1f}K tok/s "
           f"{r['seconds'] * 1e3:9.1f} ms  MFU {100 * r['mfu']:5.1f}%  mem "
-          f"{r['memory_gb']:6.2f} GB  compile {r['compile_s']:.0f} s{extra}")
+          f"{r['memory_gb']:6.2f} GB{measured}  compile {r['compile_s']:.0f} s{extra}")
 
 
 def format_decode_row(r) -> str:
