@@ -21,6 +21,7 @@ SMALL = {"titans": {"chunk_size": 4},
          "ttt_linear": {"chunk_size": 4},
          "ttt_mlp": {"chunk_size": 4},
          "lact": {"chunk_size": 8},
+         "lact_hybrid": {"chunk_size": 8},   # shared_window = chunk = 8
          "tnt": {"global_chunk": 8, "local_chunks": (2, 4), "shard_lengths": 8}}
 
 # Hand counts at d_model 32, 2 heads of 16. Shared by every kind: q, k, v, gate and output
@@ -34,6 +35,8 @@ HAND_COUNTS = {
     "ttt_mlp": SHARED + GATES(1) + 2 * (64 * 17 + 16 * 65) + 2 * 2 * 16,
     "lact": SHARED + GATES(1) + 2 * 3 * 16 * 16,   # SwiGLU, hidden 16: w1, w3, w2
     "tnt": SHARED + 3 * (GATES(3) + MLP_W),        # one global + two locals
+    # + the shared attention's q, k and output RMSNorm scales, 2 heads x 16 each
+    "lact_hybrid": SHARED + GATES(1) + 2 * 3 * 16 * 16 + 3 * 32,
 }
 
 
@@ -81,7 +84,7 @@ class FastPathTest(parameterized.TestCase):
     super().tearDown()
 
   # Titans' memory is TNT's global and local memory here; the op tests cover every rule.
-  @parameterized.parameters("ttt_mlp", "lact", "tnt")
+  @parameterized.parameters("ttt_mlp", "lact", "lact_hybrid", "tnt")
   def test_layer_matches_reference_float64(self, name):
     results = []
     for implementation in ("xla", "reference"):
@@ -102,6 +105,61 @@ class FastPathTest(parameterized.TestCase):
     outs = [apply(MemoryLayer(config, rngs=nnx.Rngs(5), dtype=dtype), x)
             for dtype in (jnp.float32, jnp.bfloat16)]
     self.assertLess(rel_err(outs[1], outs[0]), 2e-2)
+
+
+class SharedAttentionTest(absltest.TestCase):
+  """LaCT's hybrid: the sliding-window attention over the memory's q, k, v == a literal
+  per-token softmax over the window, written here from the definition (float64)."""
+
+  def setUp(self):
+    super().setUp()
+    jax.config.update("jax_enable_x64", True)
+    self.addCleanup(jax.config.update, "jax_enable_x64", False)
+
+  def test_shared_attention_matches_token_loop(self):
+    window, length = 5, 13
+    config = small_config("lact_hybrid", shared_window=window)
+    layer = MemoryLayer(config, rngs=nnx.Rngs(21), dtype=jnp.float64, param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(22), (2, length, D_MODEL), jnp.float64)
+    q, k, v = layer.qkv(x)
+    got = layer._shared_attention(q, k, v, None)
+
+    def rotate(y, t):   # RoPE, rotate-half form, at position t
+      half = y.shape[-1] // 2
+      angle = t * 10000.0 ** (-np.arange(half) / half)
+      y1, y2 = y[..., :half], y[..., half:]
+      return np.concatenate([y1 * np.cos(angle) - y2 * np.sin(angle),
+                             y2 * np.cos(angle) + y1 * np.sin(angle)], -1)
+
+    def rms(y, scale):
+      return y / np.sqrt(np.mean(y * y, -1, keepdims=True) + 1e-6) * scale
+
+    q, k, v = (np.asarray(a) for a in (q, k, v))
+    q_scale = np.asarray(layer.attention_q_norm.scale[...])
+    k_scale = np.asarray(layer.attention_k_norm.scale[...])
+    want = np.zeros_like(q)
+    for t in range(length):
+      visible = range(max(0, t - window + 1), t + 1)
+      qt = rotate(rms(q[:, t], q_scale), t)                                   # [B, H, D]
+      scores = np.stack([np.sum(qt * rotate(rms(k[:, j], k_scale), j), -1)
+                         for j in visible], -1) / np.sqrt(q.shape[-1])        # [B, H, S]
+      probs = np.exp(scores - scores.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      want[:, t] = np.einsum("bhs,sbhd->bhd", probs, np.stack([v[:, j] for j in visible]))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-9, atol=1e-12)
+
+  def test_output_has_zero_gradient_wrt_the_future(self):
+    layer = MemoryLayer(small_config("lact_hybrid"), rngs=nnx.Rngs(23))
+    x = jax.random.normal(jax.random.key(24), (1, 19, D_MODEL))
+    t = 9   # inside the second chunk; the window reaches back into the first
+    graphdef, state = nnx.split(layer)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(nnx.merge(graphdef, state)(x)[:, t])))(x)
+    self.assertEqual(float(jnp.abs(grad[:, t + 1:]).max()), 0.0)
+    self.assertGreater(float(jnp.abs(grad[:, t - 1]).max()), 0.0)
+
+  def test_bad_window_raises(self):
+    with self.assertRaisesRegex(ValueError, "shared_window=0"):
+      small_config("lact_hybrid", shared_window=0)
 
 
 class StabilityTest(absltest.TestCase):

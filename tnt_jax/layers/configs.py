@@ -60,6 +60,9 @@ class MemoryLayerConfig:
   global_handoff: under context parallelism, how the global memory's state crosses devices:
     "gather" (all-gather the sequence, every device scans it) or "chain" (ppermute the state
     from device to device); tnt_jax/parallel/context.py, measured in docs/context_parallel.md.
+  shared_window: None, or run sliding-window attention of this many tokens over the layer's
+    own q, k, v beside the memory and sum the two outputs (LaCT's hybrid, SPEC §1.4; the
+    "lact_hybrid" preset sets it to the chunk size).
   """
 
   kind: ClassVar[str] = ""
@@ -76,6 +79,7 @@ class MemoryLayerConfig:
   implementation: str = "xla"
   remat: bool = False
   global_handoff: str = "chain"
+  shared_window: int | None = None
 
   def __post_init__(self):
     _positive_int("d_model", self.d_model)
@@ -99,6 +103,8 @@ class MemoryLayerConfig:
     if self.global_handoff not in GLOBAL_HANDOFFS:
       raise ValueError(f"global_handoff={self.global_handoff!r} is unknown; expected one of "
                        f"{GLOBAL_HANDOFFS}")
+    if self.shared_window is not None:
+      _positive_int("shared_window", self.shared_window)
     self.memory_config()   # every kind validates its memories here, before anything is traced
 
   def theta_ceiling(self, memory: MemoryConfig) -> float:
@@ -122,6 +128,8 @@ class MemoryLayerConfig:
     count += 3 * self.conv_width * inner  # their depthwise convolutions
     count += inner                        # output RMSNorm scale
     count += 2 * d * inner                # output gate and output projection
+    if self.shared_window is not None:
+      count += 3 * inner                  # shared attention: q, k and output RMSNorm scales
     tnt = self.memory_config()
     memories = [tnt.global_memory] + [local.memory for local in tnt.local_memories]
     for memory in memories:
@@ -277,6 +285,10 @@ PRESETS = {
     "ttt_linear": lambda **kw: TTTLayerConfig(**{"model_kind": "linear", "max_lr": 1.0, **kw}),
     "ttt_mlp": lambda **kw: TTTLayerConfig(**{"model_kind": "mlp", "max_lr": 0.1, **kw}),
     "lact": lambda **kw: LaCTLayerConfig(**kw),
+    # LaCT's hybrid: the large-chunk memory and sliding-window attention (window = chunk) over
+    # the same q, k, v, outputs summed
+    "lact_hybrid": lambda **kw: LaCTLayerConfig(
+        **{"shared_window": kw.get("chunk_size", LaCTLayerConfig.chunk_size), **kw}),
     "tnt": lambda **kw: TNTLayerConfig(**kw),
 }
 

@@ -16,4 +16,6 @@ def memory_layer_flops(config: MemoryLayerConfig, batch: int, length: int,
              for m in memories)
   if tnt.local_memories and tnt.qk_projection:
     fwd += 2.0 * 2 * tokens * heads * hd * hd     # q P_prev and the block's k k^T, per token
+  if config.shared_window is not None:    # scores and values over min(window, length) keys
+    fwd += 4.0 * tokens * min(config.shared_window, length) * inner
   return 3.0 * fwd if backward else fwd

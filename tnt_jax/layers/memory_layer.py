@@ -8,6 +8,11 @@
       -> o = tnt_op(q, k, v, gates, ...)                 global memory + sum of local memories
       -> HeadRMSNorm(o) * SiLU(x W_gate) -> W_out        [B, T, d_model]
 
+With `shared_window` (LaCT's hybrid) the same q, k, v also feed causal sliding-window attention:
+q and k are RMS-normalised per head with learned scales (they are unit vectors for the memory,
+which would leave softmax scores within +-1/sqrt(D)), rotated by RoPE, and the attention output
+is added after its own HeadRMSNorm: HeadRMSNorm(o) + HeadRMSNorm(attention) before the gate.
+
 The conv comes before the SiLU (as in Mamba and Titans' code) so the SiLU sees the mixed
 features. Parameters are float32; the layer computes in `dtype` (e.g. bfloat16) while the memory
 state and its accumulations stay float32 inside the op. Which memories run is the config's
@@ -23,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tnt_jax.layers.attention import (attend, attend_and_write, init_kv_ring, rope,
+                                      windowed_halo)
 from tnt_jax.layers.configs import MemoryLayerConfig
 from tnt_jax.layers.conv import CausalDepthwiseConv
 from tnt_jax.layers.norms import HeadRMSNorm, l2_normalize
@@ -96,6 +103,10 @@ class MemoryLayer(nnx.Module):
     self.memories = nnx.List([MemoryParams(m, config, rngs=rngs, dtype=dtype,
                                            param_dtype=param_dtype) for m in memories])
     self.out_norm = HeadRMSNorm(config.num_heads, config.head_dim, param_dtype=param_dtype)
+    if config.shared_window is not None:
+      head_norm = lambda: HeadRMSNorm(config.num_heads, config.head_dim, param_dtype=param_dtype)
+      self.attention_q_norm, self.attention_k_norm = head_norm(), head_norm()
+      self.attention_out_norm = head_norm()
     self.gate_proj = linear(inner)
     self.out_proj = nnx.Linear(inner, d, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
@@ -125,10 +136,37 @@ class MemoryLayer(nnx.Module):
     return ([m.gates(x) for m in self.memories], [m.weights() for m in self.memories],
             [m.slow_params() for m in self.memories])
 
-  def _output(self, o_BxTxHxD, x):
+  def _output(self, o_BxTxHxD, x, attended_BxTxHxD=None):
     b, t, _ = x.shape
-    o = self.out_norm(o_BxTxHxD.astype(self.dtype)).reshape(b, t, self.config.inner_dim)
+    o = self.out_norm(o_BxTxHxD.astype(self.dtype))
+    if attended_BxTxHxD is not None:
+      o = o + self.attention_out_norm(attended_BxTxHxD)
+    o = o.reshape(b, t, self.config.inner_dim)
     return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
+
+  # --- LaCT's hybrid: sliding-window attention over the memory's own q, k, v ---
+
+  def _attention_qk(self, q, k, positions_T):
+    base = 10000.0
+    return (rope(self.attention_q_norm(q), positions_T, base),
+            rope(self.attention_k_norm(k), positions_T, base))
+
+  def _shared_attention(self, q, k, v, context_axis):
+    window = self.config.shared_window
+    length = q.shape[1]
+    if context_axis is not None:
+      positions = jax.lax.axis_index(context_axis) * length + jnp.arange(length, dtype=jnp.int32)
+      q, k = self._attention_qk(q, k, positions)
+      keys, values, key_pos = windowed_halo(k, v, positions, window, context_axis)
+      return attend(q, positions, keys, values, key_pos, window)
+    positions = jnp.arange(length, dtype=jnp.int32)
+    q, k = self._attention_qk(q, k, positions)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
+                                          local_window_size=(window - 1, 0))
+    # jax's XLA attention also builds T x T scores, but takes its softmax in float32 even for
+    # float64 inputs; `attend` keeps the input precision.
+    return attend(q, positions, k, v, positions, window)
 
   def _check_input(self, x_BxTxD):
     if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.config.d_model:
@@ -147,7 +185,10 @@ class MemoryLayer(nnx.Module):
         tnt_op_in_context, axis=context_axis, global_handoff=self.config.global_handoff)
     o_BxTxHxD, _ = op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
                       implementation=self.config.implementation, remat=self.config.remat)
-    return self._output(o_BxTxHxD, x)
+    attended = None
+    if self.config.shared_window is not None:
+      attended = self._shared_attention(q, k, v, context_axis)
+    return self._output(o_BxTxHxD, x, attended)
 
   # --- streaming and decoding (SPEC §2.2) ---
 
@@ -158,7 +199,12 @@ class MemoryLayer(nnx.Module):
                for name, conv in (("q", self.q_conv), ("k", self.k_conv), ("v", self.v_conv))}
     state = init_decode_state(self.tnt.global_memory.init_state(weights[0], batch), weights[1:],
                               self.tnt, self.dtype)
-    return {"conv": history, "memory": state}
+    cache = {"conv": history, "memory": state}
+    if self.config.shared_window is not None:
+      c = self.config
+      cache["attention"] = init_kv_ring(batch, c.shared_window, c.num_heads, c.head_dim,
+                                        self.dtype)
+    return cache
 
   def alignment(self) -> int:
     """A multi-token `extend` must start at a multiple of this (chunks and shards begin)."""
@@ -183,7 +229,14 @@ class MemoryLayer(nnx.Module):
       o_BxTxHxD, state = tnt_prefill(
           q, k, v, gates, carry_state(state.global_carry), weights[1:], slows, self.tnt,
           position=state.position, implementation=self.config.implementation)
-    return self._output(o_BxTxHxD, x), {"conv": history, "memory": state}
+    cache = dict(cache, conv=history, memory=state)
+    attended = None
+    if self.config.shared_window is not None:
+      positions = cache["memory"].position - x.shape[1] + jnp.arange(x.shape[1], dtype=jnp.int32)
+      q, k = self._attention_qk(q, k, positions)
+      attended, cache["attention"] = attend_and_write(q, k, v, positions, cache["attention"],
+                                                      self.config.shared_window)
+    return self._output(o_BxTxHxD, x, attended), cache
 
 
 def count_params(module: nnx.Module) -> int:

@@ -100,7 +100,10 @@ def _global_by_chain(q, k, v, gates, state, slow, config, axis, implementation, 
   devices, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
   scan_slice = lambda s: memory_op(q, k, v, gates, s, slow, config,
                                    implementation=implementation, remat=remat)
-  out_shape = jax.eval_shape(scan_slice, state)[0]
+  out_shape, state_shape = jax.eval_shape(scan_slice, state)
+  # the op carries its state in the accumulation dtype (float64 inputs with float32 W_init
+  # give a float64 state): start in it, so the owner's and the idle branch's states agree
+  state = jax.tree.map(lambda s, shape: s.astype(shape.dtype), state, state_shape)
   idle = lambda s: (jnp.zeros(out_shape.shape, out_shape.dtype), s)
   forward = [(d, d + 1) for d in range(devices - 1)]
 
