@@ -3,11 +3,15 @@
 `pattern` names the mixer of each block, repeated cyclically over `num_layers`:
   memory mixers: "tnt", "titans", "ttt_linear", "ttt_mlp", "lact" (tnt_jax/layers presets)
   attention:     "attention" (full causal), "swa" (sliding window of `window` tokens)
-  hybrids:       "mag:<memory>", "mal:<memory>" (Titans MAG / MAL in one block: sliding-window
-                 attention with that memory kind; tnt_jax/layers/hybrid.py)
+  hybrids:       "mag:<memory>", "mal:<memory>", "mac:<memory>" (Titans MAG / MAL / MAC in one
+                 block: sliding-window attention with that memory kind; tnt_jax/layers/hybrid.py,
+                 mac.py; MAC's segment is `window`, a multiple of the memory's alignment)
 so ("tnt",) is a pure TNT model and ("swa", "tnt") alternates. `mixer_options[kind]` overrides
 the fields of that kind's layer config (e.g. {"tnt": {"local_chunks": (8,)}}); a hybrid's memory
-takes its memory kind's options.
+takes its memory kind's options and its attention the "swa" options, so {"swa":
+{"persistent_tokens": 4}} gives every SWA and hybrid attention Titans' persistent memory tokens
+(tnt_jax/layers/attention.py). `ttt_e2e` makes it a TTT-E2E model: mutable MLPs in the last
+blocks, trained at test time (tnt_jax/models/ttt_e2e.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Any, Mapping
 
 from tnt_jax.layers.attention import AttentionConfig
 from tnt_jax.layers.configs import PRESETS, MemoryLayerConfig, preset
-from tnt_jax.layers.hybrid import HYBRIDS, HybridConfig
+from tnt_jax.layers.hybrid import HYBRIDS, HybridConfig, hybrid_config
+from tnt_jax.layers.mac import MACConfig
+from tnt_jax.models.ttt_e2e import TTTE2EConfig
 
 ATTENTION_MIXERS = ("attention", "swa")
 MIXERS = tuple(PRESETS) + ATTENTION_MIXERS
@@ -44,6 +50,10 @@ class LMConfig:
   # times less compile time (on a CPU at d_model 768: 40-55 s per unrolled TNT block, 49 s
   # for all 12 scanned; README, Training). False unrolls the blocks.
   scan_layers: bool = True
+  # TTT-E2E (a TTTE2EConfig, or a dict of its fields): attention mixers only. Its forward is a
+  # scan over mini-batches with the blocks unrolled inside (scan_layers is not used there) and
+  # its own per-mini-batch remat (ttt_e2e.remat) instead of `remat`.
+  ttt_e2e: TTTE2EConfig | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads"):
@@ -68,21 +78,35 @@ class LMConfig:
       object.__setattr__(self, "mlp_hidden", -(-(8 * self.d_model // 3) // 32) * 32)
     for i in range(min(self.num_layers, len(self.pattern))):
       self.mixer_config(i)   # validate every distinct mixer now, before anything is built
+    if self.ttt_e2e is not None:
+      self._check_ttt_e2e()
+
+  def _check_ttt_e2e(self):
+    object.__setattr__(self, "ttt_e2e", TTTE2EConfig.from_value(self.ttt_e2e))
+    others = sorted({kind for kind in self.pattern if kind not in ATTENTION_MIXERS})
+    if others:
+      raise ValueError(f"ttt_e2e needs attention mixers {ATTENTION_MIXERS} in every block; "
+                       f"pattern={self.pattern} has {others}")
+    if self.remat:
+      raise ValueError("remat=True rematerialises the blocks of the parallel forward; a ttt_e2e "
+                       "model checkpoints each mini-batch step instead (ttt_e2e.remat): set "
+                       "remat=False")
 
   def mixer_kind(self, layer: int) -> str:
     return self.pattern[layer % len(self.pattern)]
 
-  def mixer_config(self, layer: int) -> MemoryLayerConfig | AttentionConfig | HybridConfig:
+  def mixer_config(self, layer: int
+                   ) -> MemoryLayerConfig | AttentionConfig | HybridConfig | MACConfig:
     kind = self.mixer_kind(layer)
     hybrid, _, memory = kind.partition(":")
     if hybrid in HYBRIDS:
-      return HybridConfig(hybrid, self._kind_config(memory), self._kind_config("swa"))
+      return hybrid_config(hybrid, self._kind_config(memory), self._kind_config("swa"))
     return self._kind_config(kind)
 
   def mixer_parts(self, layer: int) -> tuple[MemoryLayerConfig | AttentionConfig, ...]:
     """The memory layers and attentions that layer's mixer is made of."""
     mixer = self.mixer_config(layer)
-    return mixer.parts() if isinstance(mixer, HybridConfig) else (mixer,)
+    return mixer.parts() if isinstance(mixer, (HybridConfig, MACConfig)) else (mixer,)
 
   def _kind_config(self, kind: str) -> MemoryLayerConfig | AttentionConfig:
     options = dict(self.mixer_options.get(kind, {}))

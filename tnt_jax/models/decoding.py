@@ -10,6 +10,11 @@ conv histories; attention blocks a KV cache (a ring of `window` keys for SWA). A
 `extend` runs the parallel form and must start at a multiple of `alignment` (where every
 memory's chunks and shards begin); decode steps may be taken anywhere. Rows of a batch share
 one position (prompts of one length).
+
+A TTT-E2E model (tnt_jax/models/ttt_e2e.py) also carries each row's mutable MLP weights, the
+block caches at the current mini-batch's start and that mini-batch's tokens so far; its
+alignment includes the mini-batch, and the decode step that completes a mini-batch also takes
+its inner step (one forward and backward over that mini-batch, amortised O(1) per token).
 """
 
 from __future__ import annotations

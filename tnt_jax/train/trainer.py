@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tnt_jax import data
 from tnt_jax.layers.attention import AttentionConfig
+from tnt_jax.layers.mac import MACConfig
 from tnt_jax.models import LanguageModel, LMConfig, param_summary
 from tnt_jax.models.flops import lm_train_flops
 from tnt_jax.parallel import mesh as mesh_lib
@@ -60,12 +61,15 @@ def data_config(config) -> data.TextDataConfig:
 def lm_config(config, vocab_size: int) -> LMConfig:
   m = config.model
   options = {kind: dict(opts) for kind, opts in m.mixer_options.items()}
+  ttt_e2e = m.get("ttt_e2e")       # configs/ttt_e2e.py; older checkpoints lack the key
+  if ttt_e2e is not None:
+    ttt_e2e = ttt_e2e.to_dict() if hasattr(ttt_e2e, "to_dict") else dict(ttt_e2e)
   return LMConfig(vocab_size=vocab_size, d_model=m.d_model, num_layers=m.num_layers,
                   num_heads=m.num_heads, head_dim=m.head_dim, mlp_hidden=m.mlp_hidden,
                   pattern=tuple(m.pattern.split(",")), mixer_options=options, window=m.window,
                   tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
                   # checkpoints written before scan_layers existed lack the key
-                  scan_layers=m.get("scan_layers", True))
+                  scan_layers=m.get("scan_layers", True), ttt_e2e=ttt_e2e)
 
 
 def _check_config(config) -> None:
@@ -89,13 +93,22 @@ def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
 
 def check_model_context_split(seq_len: int, context: int, model_config: LMConfig) -> None:
   """Before anything compiles: the sequence splits over the context axis into whole local
-  shards of every TNT layer, and every SWA halo fits in one device's slice."""
+  shards of every TNT layer, every SWA halo fits in one device's slice, and no layer is a
+  Titans MAC (which has no context-parallel form)."""
   if context == 1:
     return
+  if model_config.ttt_e2e is not None:
+    raise ValueError(f"TTT-E2E takes its inner steps mini-batch after mini-batch along the "
+                     f"sequence, so it cannot split it over devices: mesh.context={context} "
+                     "must be 1 (use data or fsdp parallelism)")
   if seq_len % context:
     raise ValueError(f"data.seq_len={seq_len} does not split over mesh.context={context} "
                      "devices (it must be a multiple)")
   for layer in range(model_config.num_layers):
+    if isinstance(model_config.mixer_config(layer), MACConfig):
+      raise ValueError(f"layer {layer}'s mixer {model_config.mixer_kind(layer)!r} (Titans MAC) "
+                       "runs its segments one after another through the memory and has no "
+                       f"context-parallel form: use mesh.context=1 (got {context})")
     for mixer in model_config.mixer_parts(layer):
       if isinstance(mixer, AttentionConfig):
         if mixer.window is not None and mixer.window - 1 > seq_len // context:
