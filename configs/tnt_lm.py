@@ -5,8 +5,8 @@ r"""Decoder LMs with TNT, Titans, TTT, LaCT or attention token mixers, stages 1 
 Argument string (comma-separated key=value; all optional):
   size     tiny (CPU, minutes; the default) | small (~30M, one GPU) | paper150m (TNT paper)
   mixer    tnt | titans | ttt_linear | ttt_mlp | lact | attention | swa, a Titans hybrid
-           mag:<memory> | mal:<memory> (e.g. mag:tnt), or a per-layer pattern joined by "+"
-           (e.g. swa+tnt alternates blocks)
+           mag:<memory> | mal:<memory> | mac:<memory> (e.g. mag:tnt; configs/titans.py sets up
+           the Titans family), or a per-layer pattern joined by "+" (e.g. swa+tnt alternates)
   chunk    Titans/TTT/LaCT chunk size, or TNT's local chunk when `local_chunks` is not given
   local_chunks  TNT local chunk sizes joined by "+" (e.g. 4+8+16+32, one local memory each)
   stage    1 (default) | 2: TNT stage 2: continue from --config.init_from with local chunks

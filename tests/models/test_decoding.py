@@ -20,17 +20,24 @@ OPTIONS = {
     "ttt_linear": dict(chunk_size=4),
     "ttt_mlp": dict(chunk_size=2),
     "lact": dict(chunk_size=8),
+    "lact_hybrid": dict(chunk_size=8),   # + sliding-window attention of 8 over its q, k, v
 }
 PATTERNS = {name: (name,) for name in OPTIONS} | {
     "attention": ("attention",), "swa": ("swa",), "swa+tnt": ("swa", "tnt"),
-    "mag_tnt": ("mag:tnt",), "mal_titans": ("mal:titans",)}
+    "mag_tnt": ("mag:tnt",), "mal_titans": ("mal:titans",),
+    # Titans MAC: segments of window = 8 tokens (so 8 is aligned); persistent memory tokens
+    "mac_titans": ("mac:titans",), "mac_tnt": ("mac:tnt",), "swa_persistent": ("swa",)}
+EXTRA = {"mac_titans": dict(window=8),
+         "mac_tnt": dict(window=8, options={"swa": dict(persistent_tokens=3)}),
+         "swa_persistent": dict(options={"swa": dict(persistent_tokens=3)})}
 
 
-def make_model(pattern, seed=0):
+def make_model(pattern, seed=0, window=6, options=None):
   config = LMConfig(vocab_size=11, d_model=16, num_layers=2, num_heads=2, pattern=pattern,
                     mixer_options={k: v for k, v in OPTIONS.items()
-                                   if k in (p.partition(":")[2] or p for p in pattern)},
-                    window=6, dtype="float64")
+                                   if k in (p.partition(":")[2] or p for p in pattern)}
+                    | (options or {}),
+                    window=window, dtype="float64")
   return LanguageModel(config, rngs=nnx.Rngs(seed))
 
 
@@ -43,7 +50,7 @@ class DecodingTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*[(name, name) for name in PATTERNS])
   def test_parallel_equals_streaming_equals_decoding(self, name):
-    model = make_model(PATTERNS[name])
+    model = make_model(PATTERNS[name], **EXTRA.get(name, {}))
     tokens = jax.random.randint(jax.random.key(1), (2, LENGTH), 0, 11)
     want = model(tokens)
     decoder = Decoder(model, max_length=LENGTH)

@@ -1,4 +1,12 @@
-"""Causal self-attention (full or sliding-window) with RoPE, the attention token mixer."""
+"""Causal self-attention (full or sliding-window) with RoPE, the attention token mixer.
+
+Persistent memory tokens (Titans): `persistent_tokens` = P learned vectors [P, d_model], projected
+by the layer's own key and value projections without RoPE and visible to every query, in the
+parallel, context-parallel and decoding paths. In an LM, `mixer_options={"swa":
+{"persistent_tokens": 4}}` gives them to every SWA mixer and to the attention of the Titans hybrids
+(MAG, MAL, MAC take the "swa" kind's options). With P = 0 the layer and its parameters are
+exactly those of plain attention (old checkpoints load).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ Array = jax.Array
 class AttentionConfig:
   """window: None for full causal attention, else each token sees itself and the window - 1
   tokens before it. implementation: passed to jax.nn.dot_product_attention; "auto" picks cuDNN
-  on GPU for 16-bit inputs and XLA elsewhere."""
+  on GPU for 16-bit inputs and XLA elsewhere. persistent_tokens: P learned key/value tokens
+  every query sees (Titans' persistent memory); P > 0 runs explicit-mask XLA attention (the
+  cuDNN causal/window kernel cannot take the extra keys): blocks of `window` queries for SWA,
+  so no T x T scores are built."""
 
   d_model: int
   num_heads: int
@@ -25,6 +36,7 @@ class AttentionConfig:
   window: int | None = None
   rope_base: float = 10000.0
   implementation: str = "auto"
+  persistent_tokens: int = 0
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -39,27 +51,44 @@ class AttentionConfig:
     if self.implementation not in ("auto", "xla", "cudnn"):
       raise ValueError(f"attention implementation={self.implementation!r} must be auto, xla "
                        "or cudnn")
+    if (not isinstance(self.persistent_tokens, int) or isinstance(self.persistent_tokens, bool)
+        or self.persistent_tokens < 0):
+      raise ValueError(f"persistent_tokens={self.persistent_tokens!r} must be an integer >= 0")
+    if self.persistent_tokens and self.implementation == "cudnn":
+      raise ValueError(f"implementation='cudnn' cannot take persistent_tokens="
+                       f"{self.persistent_tokens} (extra keys outside the causal mask): use "
+                       "'auto' or 'xla'")
 
 
 def rope(x_BxTxHxD: Array, positions_T: Array, base: float) -> Array:
-  """Rotary position embedding (rotate-half form)."""
+  """Rotary position embedding (rotate-half form), in float32 or wider (float64 stays exact)."""
+  acc = jnp.promote_types(x_BxTxHxD.dtype, jnp.float32)
   half = x_BxTxHxD.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions_T.astype(jnp.float32)[:, None] * freqs               # [T, D/2]
+  freqs = base ** (-jnp.arange(half, dtype=acc) / half)
+  angles = positions_T.astype(acc)[:, None] * freqs                       # [T, D/2]
   cos, sin = jnp.cos(angles)[None, :, None], jnp.sin(angles)[None, :, None]
-  x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BxTxHxD.astype(acc), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxD.dtype)
 
 
 def attend(q_BxTxHxD: Array, positions_T: Array, keys_BxSxHxD: Array, values_BxSxHxD: Array,
-           key_pos_S: Array, window: int | None) -> Array:
+           key_pos_S: Array, window: int | None,
+           persistent: tuple[Array, Array] | None = None) -> Array:
   """Causal (and windowed) softmax attention of queries at `positions` over keys at `key_pos`
   (< 0: an empty slot), scores and softmax in float32. The explicit-position form serves
-  KV caches, context-parallel halos and any mixer that attends over keys it assembled."""
+  KV caches, context-parallel halos and any mixer that attends over keys it assembled.
+  persistent: (keys, values) [P, H, D] that every query sees (no position)."""
   visible = (key_pos_S[None, :] >= 0) & (key_pos_S[None, :] <= positions_T[:, None])
   if window is not None:
     visible &= key_pos_S[None, :] > positions_T[:, None] - window
+  if persistent is not None:
+    batch = keys_BxSxHxD.shape[0]
+    extra = lambda y: jnp.broadcast_to(y.astype(keys_BxSxHxD.dtype)[None], (batch,) + y.shape)
+    keys_BxSxHxD = jnp.concatenate([extra(persistent[0]), keys_BxSxHxD], axis=1)
+    values_BxSxHxD = jnp.concatenate([extra(persistent[1]), values_BxSxHxD], axis=1)
+    visible = jnp.concatenate(
+        [jnp.ones((visible.shape[0], persistent[0].shape[0]), bool), visible], axis=1)
   acc = jnp.promote_types(q_BxTxHxD.dtype, jnp.float32)
   scores = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, keys_BxSxHxD, preferred_element_type=acc)
   scale = jnp.sqrt(q_BxTxHxD.shape[-1]).astype(acc)
@@ -77,14 +106,15 @@ def init_kv_ring(batch: int, slots: int, num_heads: int, head_dim: int, dtype) -
 
 
 def attend_and_write(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, positions_T: Array,
-                     ring: dict, window: int | None) -> tuple[Array, dict]:
-  """Attend T new tokens over the ring's keys and each other, then write them into the ring
-  (only the last `slots` new keys can be seen again)."""
+                     ring: dict, window: int | None,
+                     persistent: tuple[Array, Array] | None = None) -> tuple[Array, dict]:
+  """Attend T new tokens over the ring's keys (and `persistent` ones, see attend) and each
+  other, then write them into the ring (only the last `slots` new keys can be seen again)."""
   t, slots = k_BxTxHxD.shape[1], ring["k"].shape[1]
   keys = jnp.concatenate([ring["k"], k_BxTxHxD], axis=1)
   values = jnp.concatenate([ring["v"], v_BxTxHxD], axis=1)
   key_pos = jnp.concatenate([ring["slot_pos"], positions_T])
-  o = attend(q_BxTxHxD, positions_T, keys, values, key_pos, window)
+  o = attend(q_BxTxHxD, positions_T, keys, values, key_pos, window, persistent)
   keep = min(t, slots)
   write = positions_T[t - keep:] % slots
   ring = {"k": ring["k"].at[:, write].set(k_BxTxHxD[:, t - keep:]),
@@ -109,6 +139,27 @@ def windowed_halo(k_BxTxHxD: Array, v_BxTxHxD: Array, positions_T: Array, window
   return keys, values, key_pos
 
 
+def blocked_window_attend(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, window: int,
+                          persistent: tuple[Array, Array] | None = None) -> Array:
+  """Sliding-window attention from position 0 in blocks of `window` queries, each over the
+  previous block's keys and its own (and `persistent` ones): scores [T/window, window,
+  2 window + P] instead of [T, T]. T need not be a multiple of the window (padded at the end,
+  which no real query sees)."""
+  b, t, h, d = q_BxTxHxD.shape
+  n = -(-t // window)
+  blocks = lambda y: jnp.pad(y, [(0, 0), (0, n * window - t), (0, 0), (0, 0)]).reshape(
+      b, n, window, h, d)
+  with_previous = lambda y: jnp.concatenate(
+      [jnp.concatenate([jnp.zeros_like(y[:, :1]), y[:, :-1]], axis=1), y], axis=2)
+  q, keys, values = blocks(q_BxTxHxD), with_previous(blocks(k_BxTxHxD)), with_previous(
+      blocks(v_BxTxHxD))
+  pos_NxW = jnp.arange(n * window, dtype=jnp.int32).reshape(n, window)
+  key_pos = jnp.concatenate([pos_NxW - window, pos_NxW], axis=1)   # block 0's "previous": < 0
+  one_block = lambda q, pos, k, v, kp: attend(q, pos, k, v, kp, window, persistent)
+  o = jax.vmap(one_block, in_axes=(1, 0, 1, 1, 0), out_axes=1)(q, pos_NxW, keys, values, key_pos)
+  return o.reshape(b, n * window, h, d)[:, :t]
+
+
 class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -121,14 +172,33 @@ class Attention(nnx.Module):
     self.q_proj, self.k_proj, self.v_proj = (linear(config.d_model, inner) for _ in range(3))
     self.gate_proj = linear(config.d_model, inner)
     self.out_proj = linear(inner, config.d_model)
+    if config.persistent_tokens:   # created last: P = 0 leaves parameters and RNG streams as before
+      self.persistent = nnx.Param(jax.random.normal(
+          rngs.params(), (config.persistent_tokens, config.d_model), param_dtype))
+
+  def _heads(self, y):
+    return y.reshape(y.shape[:-1] + (self.config.num_heads, self.config.head_dim))
+
+  def queries(self, x_BxTxD: Array, positions_T: Array) -> Array:
+    return rope(self._heads(self.q_proj(x_BxTxD)), positions_T, self.config.rope_base)
+
+  def keys_values(self, x_BxTxD: Array, positions_T: Array) -> tuple[Array, Array]:
+    k = rope(self._heads(self.k_proj(x_BxTxD)), positions_T, self.config.rope_base)
+    return k, self._heads(self.v_proj(x_BxTxD))
+
+  def persistent_kv(self) -> tuple[Array, Array] | None:
+    """The persistent tokens' keys and values [P, H, D] (no RoPE), or None when P = 0."""
+    if not self.config.persistent_tokens:
+      return None
+    tokens = self.persistent[...].astype(self.dtype)
+    return self._heads(self.k_proj(tokens)), self._heads(self.v_proj(tokens))
 
   def _project(self, x, positions_T):
-    c = self.config
-    b, t, _ = x.shape
-    heads = lambda y: y.reshape(b, t, c.num_heads, c.head_dim)
-    q = rope(heads(self.q_proj(x)), positions_T, c.rope_base)
-    k = rope(heads(self.k_proj(x)), positions_T, c.rope_base)
-    return q, k, heads(self.v_proj(x))
+    return (self.queries(x, positions_T),) + self.keys_values(x, positions_T)
+
+  def output(self, o_BxTxHxD: Array, x_BxTxD: Array) -> Array:
+    """The attention output [B, T, H, D] of queries from x, gated by x and projected."""
+    return self._output(o_BxTxHxD, x_BxTxD)
 
   def _output(self, o_BxTxHxD, x):
     b, t = x.shape[:2]
@@ -144,6 +214,13 @@ class Attention(nnx.Module):
     if context_axis is not None:
       return self._context_parallel(x, context_axis)
     q, k, v = self._project(x, jnp.arange(x.shape[1]))
+    if c.persistent_tokens:
+      if c.window is None:
+        positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+        o = attend(q, positions, k, v, positions, None, self.persistent_kv())
+      else:
+        o = blocked_window_attend(q, k, v, c.window, self.persistent_kv())
+      return self._output(o, x)
     impl = c.implementation
     if impl == "auto":
       impl = ("cudnn" if jax.default_backend() == "gpu"
@@ -159,7 +236,8 @@ class Attention(nnx.Module):
     positions = start + jnp.arange(length, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
     keys, values, key_pos = windowed_halo(k, v, positions, self.config.window, axis)
-    return self._output(attend(q, positions, keys, values, key_pos, self.config.window), x)
+    return self._output(attend(q, positions, keys, values, key_pos, self.config.window,
+                               self.persistent_kv()), x)
 
   # --- streaming and decoding: a KV cache, a ring of the last `window` keys for SWA ---
 
@@ -186,5 +264,5 @@ class Attention(nnx.Module):
     positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)
     q, k, v = self._project(x, positions)
     ring = {name: cache[name] for name in ("k", "v", "slot_pos")}
-    o, ring = attend_and_write(q, k, v, positions, ring, self.config.window)
+    o, ring = attend_and_write(q, k, v, positions, ring, self.config.window, self.persistent_kv())
     return self._output(o, x), dict(ring, position=start + x.shape[1])

@@ -6,10 +6,15 @@
                   (Titans §4.2).
   "mal:<memory>"  MAL, memory as a layer: the memory layer, then sliding-window attention over its
                   output, o = attention(memory(x)) (Titans §4.3).
+  "mac:<memory>"  MAC, memory as context: per segment of `window` tokens, retrieve from the
+                  memory, attend over [persistent ‖ retrieved ‖ segment], update the memory with
+                  the attention output (Titans §4.1; tnt_jax/layers/mac.py, MACConfig/MACMixer).
 
 <memory> is any memory-layer kind (titans, tnt, ...), configured by that kind's mixer options;
-so "mag:tnt" is TNT-Titans MAG. Both run context-parallel and decode through their parts'
-caches. Not yet here: Titans' persistent memory tokens and MAC (issue 8).
+so "mag:tnt" is TNT-Titans MAG. The attention takes the "swa" kind's options, so persistent
+memory tokens come from `mixer_options={"swa": {"persistent_tokens": P}}` (for every SWA mixer
+too). MAG and MAL run context-parallel and decode through their parts' caches; MAC decodes
+through its own cache and has no context-parallel form.
 """
 
 from __future__ import annotations
@@ -22,22 +27,38 @@ from flax import nnx
 
 from tnt_jax.layers.attention import Attention, AttentionConfig
 from tnt_jax.layers.configs import MemoryLayerConfig
+from tnt_jax.layers.mac import MACConfig, MACMixer
 from tnt_jax.layers.memory_layer import MemoryLayer
 from tnt_jax.layers.norms import RMSNorm
 
 Array = jax.Array
-HYBRIDS = ("mag", "mal")
+HYBRIDS = ("mag", "mal", "mac")
+
+
+def hybrid_config(kind: str, memory: MemoryLayerConfig, attention: AttentionConfig
+                  ) -> "HybridConfig | MACConfig":
+  """The config of hybrid `kind` (one of HYBRIDS) from its memory and attention configs."""
+  if kind == "mac":
+    return MACConfig(memory, attention)
+  return HybridConfig(kind, memory, attention)
+
+
+def hybrid_mixer(config: "HybridConfig | MACConfig", *, rngs: nnx.Rngs, dtype=jnp.float32):
+  if isinstance(config, MACConfig):
+    return MACMixer(config, rngs=rngs, dtype=dtype)
+  return HybridMixer(config, rngs=rngs, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class HybridConfig:
-  kind: str                      # "mag" | "mal"
+  kind: str                      # "mag" | "mal" (MAC: MACConfig)
   memory: MemoryLayerConfig
   attention: AttentionConfig
 
   def __post_init__(self):
-    if self.kind not in HYBRIDS:
-      raise ValueError(f"hybrid kind={self.kind!r} must be one of {HYBRIDS}")
+    if self.kind not in ("mag", "mal"):
+      hint = "; MAC is MACConfig (hybrid_config builds either)" if self.kind == "mac" else ""
+      raise ValueError(f"hybrid kind={self.kind!r} must be 'mag' or 'mal'{hint}")
     if self.memory.d_model != self.attention.d_model:
       raise ValueError(f"hybrid {self.kind}: memory d_model={self.memory.d_model} and "
                        f"attention d_model={self.attention.d_model} differ")
