@@ -24,11 +24,11 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
   """window: None for full causal attention, else each token sees itself and the window - 1
-  tokens before it. implementation: passed to jax.nn.dot_product_attention; "auto" picks cuDNN
-  on GPU for 16-bit inputs and XLA elsewhere. persistent_tokens: P learned key/value tokens
-  every query sees (Titans' persistent memory); P > 0 runs explicit-mask XLA attention (the
-  cuDNN causal/window kernel cannot take the extra keys): blocks of `window` queries for SWA,
-  so no T x T scores are built."""
+  tokens before it. implementation: "cudnn" (jax.nn.dot_product_attention's fused kernel), "xla"
+  (explicit-mask attention in the input's precision, a window in blocks of `window` queries so
+  no T x T scores are built; `causal_attention`), or "auto": cuDNN on GPU for 16-bit inputs
+  without persistent tokens, XLA elsewhere. persistent_tokens: P learned key/value tokens every
+  query sees (Titans' persistent memory); the cuDNN kernel cannot take them."""
 
   d_model: int
   num_heads: int
@@ -160,6 +160,26 @@ def blocked_window_attend(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, 
   return o.reshape(b, n * window, h, d)[:, :t]
 
 
+def causal_attention(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, window: int | None,
+                     persistent: tuple[Array, Array] | None = None,
+                     implementation: str = "auto") -> Array:
+  """Causal (windowed) self-attention of a sequence from position 0. cuDNN's fused kernel where
+  it applies (GPU, 16-bit, no persistent tokens); elsewhere `attend` in the input's precision
+  (jax's XLA attention takes its softmax in float32 even for float64), with a window in blocks
+  so that no T x T scores are built."""
+  if implementation == "auto":
+    implementation = ("cudnn" if jax.default_backend() == "gpu" and persistent is None
+                      and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16) else "xla")
+  if implementation == "cudnn":
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, is_causal=True,
+                                        local_window_size=local, implementation="cudnn")
+  if window is None:
+    positions = jnp.arange(q_BxTxHxD.shape[1], dtype=jnp.int32)
+    return attend(q_BxTxHxD, positions, k_BxTxHxD, v_BxTxHxD, positions, None, persistent)
+  return blocked_window_attend(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, window, persistent)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -214,21 +234,8 @@ class Attention(nnx.Module):
     if context_axis is not None:
       return self._context_parallel(x, context_axis)
     q, k, v = self._project(x, jnp.arange(x.shape[1]))
-    if c.persistent_tokens:
-      if c.window is None:
-        positions = jnp.arange(x.shape[1], dtype=jnp.int32)
-        o = attend(q, positions, k, v, positions, None, self.persistent_kv())
-      else:
-        o = blocked_window_attend(q, k, v, c.window, self.persistent_kv())
-      return self._output(o, x)
-    impl = c.implementation
-    if impl == "auto":
-      impl = ("cudnn" if jax.default_backend() == "gpu"
-              and x.dtype in (jnp.bfloat16, jnp.float16) else "xla")
-    window = None if c.window is None else (c.window - 1, 0)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                     implementation=impl)
-    return self._output(o, x)
+    persistent = self.persistent_kv() if c.persistent_tokens else None
+    return self._output(causal_attention(q, k, v, c.window, persistent, c.implementation), x)
 
   def _context_parallel(self, x, axis):
     length = x.shape[1]

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tnt_jax.layers.attention import (attend, attend_and_write, init_kv_ring, rope,
-                                      windowed_halo)
+from tnt_jax.layers.attention import (attend, attend_and_write, causal_attention,
+                                      init_kv_ring, rope, windowed_halo)
 from tnt_jax.layers.configs import MemoryLayerConfig
 from tnt_jax.layers.conv import CausalDepthwiseConv
 from tnt_jax.layers.norms import HeadRMSNorm, l2_normalize
@@ -159,14 +159,8 @@ class MemoryLayer(nnx.Module):
       q, k = self._attention_qk(q, k, positions)
       keys, values, key_pos = windowed_halo(k, v, positions, window, context_axis)
       return attend(q, positions, keys, values, key_pos, window)
-    positions = jnp.arange(length, dtype=jnp.int32)
-    q, k = self._attention_qk(q, k, positions)
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
-                                          local_window_size=(window - 1, 0))
-    # jax's XLA attention also builds T x T scores, but takes its softmax in float32 even for
-    # float64 inputs; `attend` keeps the input precision.
-    return attend(q, positions, k, v, positions, window)
+    q, k = self._attention_qk(q, k, jnp.arange(length, dtype=jnp.int32))
+    return causal_attention(q, k, v, window)
 
   def _check_input(self, x_BxTxD):
     if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != self.config.d_model:
