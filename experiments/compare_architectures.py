@@ -40,7 +40,8 @@ flags.DEFINE_integer("seq_len", 0, "tokens per sequence (0: the size's)")
 flags.DEFINE_integer("batch", 0, "sequences per step (0: the size's)")
 flags.DEFINE_integer("eval_batches", 8, "held-out batches of the final evaluation")
 flags.DEFINE_list("overrides", [], "extra --config.X=Y flags for every run, without --config.")
-flags.DEFINE_string("out", "/tmp/architectures", "folder of the rows, table, plot, workdirs")
+flags.DEFINE_string("out", "/tmp/architectures", "folder of the rows, logs, table and plot")
+flags.DEFINE_string("workdirs", "", "folder of the runs' workdirs (default: <out>/runs)")
 flags.DEFINE_integer("run_timeout", 900, "seconds before a run is stopped and recorded so")
 flags.DEFINE_bool("table_only", False, "remake the table and plot from <out>/architectures.jsonl")
 flags.DEFINE_string("result", "", "internal: a child run writes its row here")
@@ -79,7 +80,8 @@ def run_child():
   config = config_flags.DEFINE_config_file("config", FLAGS.child_config, lock_config=True)
   FLAGS(sys.argv, known_only=True)
   config = config.value
-  workdir = os.path.join(FLAGS.out, "runs", os.path.basename(FLAGS.result)[:-len(".json")])
+  workdir = os.path.join(FLAGS.workdirs or os.path.join(FLAGS.out, "runs"),
+                         os.path.basename(FLAGS.result)[:-len(".json")])
   start = time.perf_counter()
   summary = trainer.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - start
@@ -94,8 +96,8 @@ def run_child():
              eval_loss=summary["eval_loss"], eval_bits=summary["eval_bits_per_token"],
              tokens_per_s=sorted(rates)[len(rates) // 2] if rates else None, wall_s=wall,
              peak_memory_gb=stats["peak_bytes_in_use"] / 1e9 if stats else None,
-             device=jax.devices()[0].device_kind, metrics=os.path.join(workdir, "logs",
-                                                                      "metrics.jsonl"))
+             device=jax.devices()[0].device_kind,
+             train_loss=history.get("train_loss", []))   # the curve travels with the row
   with open(FLAGS.result, "w") as f:
     json.dump(row, f)
 
@@ -109,7 +111,8 @@ def run_all():
   for name in FLAGS.archs:
     result = os.path.join(FLAGS.out, f"{name}.json")
     command = [sys.executable, "-m", "experiments.compare_architectures",
-               f"--child_config={config_spec(name)}", f"--result={result}", f"--out={FLAGS.out}"]
+               f"--child_config={config_spec(name)}", f"--result={result}", f"--out={FLAGS.out}",
+               f"--workdirs={FLAGS.workdirs}"]
     command += [f"--config.{o}" for o in config_overrides()]
     print(f"== {name}: {config_spec(name)}", flush=True)
     row = dict(name=name, config=config_spec(name), overrides=config_overrides())
@@ -155,8 +158,6 @@ def load_rows(rows_path):
 def write_table_and_plot(rows_path):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  from tnt_jax.train.metrics import load_history
-
   rows = load_rows(rows_path)
   done = [r for r in rows if "error" not in r]
   lines = ["| architecture | pattern | params | tokens | eval loss (nats) | bits | tokens/s | "
@@ -178,8 +179,7 @@ def write_table_and_plot(rows_path):
   FigureCanvasAgg(fig)
   curves, speed = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
   for r in sorted(done, key=lambda r: r["eval_loss"]):
-    history = load_history(r["metrics"]) if os.path.exists(r["metrics"]) else {}
-    train = history.get("train_loss", [])
+    train = r["train_loss"]
     if train:
       per_step = r["tokens"] / r["steps"]
       curves.plot([s * per_step / 1e6 for s, _ in train], [v for _, v in train],

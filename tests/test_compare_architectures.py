@@ -24,13 +24,9 @@ class ArchitecturesTest(absltest.TestCase):
 
   def test_table_sorts_by_eval_loss_and_lists_failures(self):
     with tempfile.TemporaryDirectory() as out:
-      metrics = os.path.join(out, "metrics.jsonl")
-      with open(metrics, "w") as f:
-        for step, loss in ((1, 5.0), (2, 4.0)):
-          f.write(json.dumps({"step": step, "train_loss": loss}) + "\n")
       row = dict(pattern="tnt", params=2e6, steps=2, tokens=2048, eval_bits=3.0,
                  tokens_per_s=1e4, wall_s=10.0, peak_memory_gb=None, device="cpu",
-                 metrics=metrics)
+                 train_loss=[[1, 5.0], [2, 4.0]])
       rows = [dict(row, name="a", eval_loss=3.0), dict(row, name="b", eval_loss=2.5),
               dict(row, name="a", eval_loss=2.0),          # a rerun of "a" replaces it
               dict(name="c", error="stopped after --run_timeout=5 s")]
