@@ -43,6 +43,7 @@ flags.DEFINE_list("overrides", [], "extra --config.X=Y flags for every run, with
 flags.DEFINE_string("out", "/tmp/architectures", "folder of the rows, logs, table and plot")
 flags.DEFINE_string("workdirs", "", "folder of the runs' workdirs (default: <out>/runs)")
 flags.DEFINE_integer("run_timeout", 900, "seconds before a run is stopped and recorded so")
+flags.DEFINE_string("png", "", "where the plot goes (default: <out>/architectures.png)")
 flags.DEFINE_bool("table_only", False, "remake the table and plot from <out>/architectures.jsonl")
 flags.DEFINE_string("result", "", "internal: a child run writes its row here")
 flags.DEFINE_string("child_config", "", "internal: the child's config spec")
@@ -155,7 +156,7 @@ def load_rows(rows_path):
   return list(rows.values())
 
 
-def write_table_and_plot(rows_path):
+def write_table_and_plot(rows_path, png=""):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   rows = load_rows(rows_path)
@@ -178,25 +179,30 @@ def write_table_and_plot(rows_path):
   fig = Figure(figsize=(13, 4.8))
   FigureCanvasAgg(fig)
   curves, speed = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  colors = {}
   for r in sorted(done, key=lambda r: r["eval_loss"]):
     train = r["train_loss"]
     if train:
       per_step = r["tokens"] / r["steps"]
-      curves.plot([s * per_step / 1e6 for s, _ in train], [v for _, v in train],
-                  label=f"{r['name']} ({r['eval_loss']:.3f})")
+      line, = curves.plot([s * per_step / 1e6 for s, _ in train], [v for _, v in train],
+                          label=f"{r['name']} ({r['eval_loss']:.3f})")
+      colors[r["name"]] = line.get_color()
+  finals = [v for r in done for _, v in r["train_loss"][-1:]]
+  if finals:   # the first steps' losses would flatten the part where the runs differ
+    curves.set_ylim(0.95 * min(finals), 1.8 * max(finals))
   curves.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)",
              title="loss (legend: final eval loss)")
   curves.legend(fontsize=8)
   curves.grid(alpha=0.3)
   for r in done:
-    speed.scatter(r["tokens_per_s"] / 1e3, r["eval_loss"])
+    speed.scatter(r["tokens_per_s"] / 1e3, r["eval_loss"], color=colors.get(r["name"]))
     speed.annotate(r["name"], (r["tokens_per_s"] / 1e3, r["eval_loss"]), fontsize=8,
                    xytext=(3, 3), textcoords="offset points")
   speed.set(xscale="log", xlabel="training tokens/s (K, log)", ylabel="final eval loss (nats)",
             title=f"speed and quality, {done[0]['device'] if done else ''}")
   speed.grid(alpha=0.3)
   fig.tight_layout()
-  png = os.path.join(os.path.dirname(rows_path), "architectures.png")
+  png = png or os.path.join(os.path.dirname(rows_path), "architectures.png")
   fig.savefig(png, dpi=120)
   print("wrote", table, "and", png)
 
@@ -206,7 +212,7 @@ def main(argv):
   if FLAGS.result:
     run_child()
   elif FLAGS.table_only:
-    write_table_and_plot(os.path.join(FLAGS.out, "architectures.jsonl"))
+    write_table_and_plot(os.path.join(FLAGS.out, "architectures.jsonl"), FLAGS.png)
   else:
     run_all()
 
