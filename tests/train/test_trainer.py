@@ -182,6 +182,14 @@ class BadInputTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "stage=2 adapts TNT's local memories"):
       get_config("mixer=titans,stage=2")
 
+  def test_tnt_memory_inside_a_hybrid_counts_for_stage_two(self):
+    from tnt_jax.train.trainer import has_tnt_memory, lm_config
+    for mixer, want in (("mag:tnt", True), ("mac:tnt", True), ("swa+tnt", True),
+                        ("mag:titans", False), ("titans", False)):
+      config = get_config(f"mixer={mixer}")
+      self.assertEqual(has_tnt_memory(lm_config(config, vocab_size=256)), want, mixer)
+    get_config("mixer=mag:tnt,stage=2")   # the config accepts it too
+
 
 if __name__ == "__main__":
   absltest.main()

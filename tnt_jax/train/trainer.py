@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tnt_jax import data
 from tnt_jax.layers.attention import AttentionConfig
+from tnt_jax.layers.configs import TNTLayerConfig
 from tnt_jax.layers.mac import MACConfig
 from tnt_jax.models import LanguageModel, LMConfig, param_summary
 from tnt_jax.models.flops import lm_train_flops
@@ -86,9 +87,15 @@ def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
   if not pattern or "tnt" not in pattern:
     raise ValueError(f"init_from={init_from!r} holds a checkpoint of a model with mixers "
                      f"{pattern}, not a TNT model; stage 2 adapts TNT's local memories")
-  if "tnt" not in model_config.pattern:
+  if not has_tnt_memory(model_config):
     raise ValueError(f"init_from is set (TNT stage 2) but this model's pattern "
-                     f"{model_config.pattern} has no 'tnt' mixer")
+                     f"{model_config.pattern} has no TNT memory")
+
+
+def has_tnt_memory(model_config: LMConfig) -> bool:
+  """Some block's mixer holds a TNT memory (a `tnt` block, or a hybrid such as mag:tnt)."""
+  return any(isinstance(part, TNTLayerConfig) for layer in range(model_config.num_layers)
+             for part in model_config.mixer_parts(layer))
 
 
 def check_model_context_split(seq_len: int, context: int, model_config: LMConfig) -> None:
@@ -187,7 +194,7 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
     _check_stage_two_source(config.init_from, model_config)
   trainable = None
   if config.train_only_local:
-    if "tnt" not in model_config.pattern:
+    if not has_tnt_memory(model_config):
       raise ValueError(f"train_only_local=True trains TNT local memories, but the model's "
                        f"pattern {model_config.pattern} has none")
     trainable = lambda path, leaf: is_local_memory_param(path)
