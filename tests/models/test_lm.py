@@ -39,5 +39,24 @@ class ScanLayersTest(parameterized.TestCase):
     assert_trees_rel_close(self, grad_scan, grad_unrolled, 1e-6, "grad")
 
 
+class FlopsTest(absltest.TestCase):
+
+  def test_hand_counts_plain_and_ttt_e2e(self):
+    from tnt_jax.models.flops import lm_train_flops
+    # d 16, 2 heads x 8, SwiGLU hidden 64, vocab 11, window 6, one sequence of 12 tokens.
+    config = LMConfig(vocab_size=11, d_model=16, num_layers=2, num_heads=2, pattern=("swa",),
+                      window=6)
+    mlp = 2 * 12 * 3 * 16 * 64                            # 73,728
+    attention = 2 * 12 * 5 * 16 * 16 + 4 * 12 * 6 * 16    # projections + scores and values
+    head = 2 * 12 * 16 * 11
+    self.assertEqual(lm_train_flops(config, 1, 12), 3 * (head + 2 * (mlp + attention)))
+    # TTT-E2E with the last block mutable: its twin MLP doubles that block's MLP, and the
+    # inner gradient is a backward (2x) from the loss through the head and that block.
+    e2e = dataclasses.replace(config, ttt_e2e=dict(mini_batch=4, mutable_fraction=0.5))
+    forward = head + (attention + mlp) + (attention + 2 * mlp)
+    top = head + attention + 2 * mlp
+    self.assertEqual(lm_train_flops(e2e, 1, 12), 3 * (forward + 2 * top))
+
+
 if __name__ == "__main__":
   absltest.main()
