@@ -2,11 +2,11 @@ r"""Train every architecture on the same data for the same tokens, one process e
 final eval loss, tokens/s, parameters and peak GPU memory into one table and one plot.
 
     python -m experiments.compare_architectures --data=war_and_peace.txt --size=small \
-        --steps=150 --seq_len=1024 --out=docs/results/architectures/
+        --steps=150 --seq_len=1024 --results_dir=docs/results/architectures/
 
 Each run is `experiments.train` with a family's config file (ARCHITECTURES below), the same
 size, data, sequence length, batch, steps and optimiser, in a fresh process (so each peak
-memory is that run's own), under a --run_timeout. Rows go to <out>/architectures.jsonl as runs
+memory is that run's own), under a --run_timeout. Rows go to <results_dir>/architectures.jsonl as runs
 finish; --table_only remakes architectures.md and architectures.png from that file.
 """
 
@@ -37,14 +37,15 @@ flags.DEFINE_string("size", "small", "the configs' size argument")
 flags.DEFINE_string("data", "stdlib", "the configs' data argument (a text file for real text)")
 flags.DEFINE_integer("steps", 150, "training steps of every run")
 flags.DEFINE_integer("seq_len", 0, "tokens per sequence (0: the size's)")
-flags.DEFINE_integer("batch", 0, "sequences per step (0: the size's)")
+flags.DEFINE_integer("batch_size", 0, "sequences per step (0: the size's)")
 flags.DEFINE_integer("eval_batches", 8, "held-out batches of the final evaluation")
 flags.DEFINE_list("overrides", [], "extra --config.X=Y flags for every run, without --config.")
-flags.DEFINE_string("out", "/tmp/architectures", "folder of the rows, logs, table and plot")
-flags.DEFINE_string("workdirs", "", "folder of the runs' workdirs (default: <out>/runs)")
+flags.DEFINE_string("results_dir", "/tmp/architectures",
+                    "folder of the rows, logs, table and plot")
+flags.DEFINE_string("workdirs", "", "folder of the runs' workdirs (default: <results_dir>/runs)")
 flags.DEFINE_integer("run_timeout", 900, "seconds before a run is stopped and recorded so")
-flags.DEFINE_string("png", "", "where the plot goes (default: <out>/architectures.png)")
-flags.DEFINE_bool("table_only", False, "remake the table and plot from <out>/architectures.jsonl")
+flags.DEFINE_string("png", "", "where the plot goes (default: <results_dir>/architectures.png)")
+flags.DEFINE_bool("table_only", False, "remake the table and plot from <results_dir>/architectures.jsonl")
 flags.DEFINE_string("result", "", "internal: a child run writes its row here")
 flags.DEFINE_string("child_config", "", "internal: the child's config spec")
 FLAGS = flags.FLAGS
@@ -62,8 +63,8 @@ def config_overrides() -> list[str]:
                f"log_every={max(1, FLAGS.steps // 15)}"]
   if FLAGS.seq_len:
     overrides.append(f"data.seq_len={FLAGS.seq_len}")
-  if FLAGS.batch:
-    overrides.append(f"data.batch_size={FLAGS.batch}")
+  if FLAGS.batch_size:
+    overrides.append(f"data.batch_size={FLAGS.batch_size}")
   return overrides + list(FLAGS.overrides)
 
 
@@ -81,7 +82,7 @@ def run_child():
   config = config_flags.DEFINE_config_file("config", FLAGS.child_config, lock_config=True)
   FLAGS(sys.argv, known_only=True)
   config = config.value
-  workdir = os.path.join(FLAGS.workdirs or os.path.join(FLAGS.out, "runs"),
+  workdir = os.path.join(FLAGS.workdirs or os.path.join(FLAGS.results_dir, "runs"),
                          os.path.basename(FLAGS.result)[:-len(".json")])
   start = time.perf_counter()
   summary = trainer.train_and_evaluate(config, workdir)
@@ -104,16 +105,16 @@ def run_child():
 
 
 def run_all():
-  os.makedirs(FLAGS.out, exist_ok=True)
-  rows_path = os.path.join(FLAGS.out, "architectures.jsonl")
+  os.makedirs(FLAGS.results_dir, exist_ok=True)
+  rows_path = os.path.join(FLAGS.results_dir, "architectures.jsonl")
   for name in FLAGS.archs:
     if name not in ARCHITECTURES:
       raise app.UsageError(f"--archs: {name!r} is unknown; expected {tuple(ARCHITECTURES)}")
   for name in FLAGS.archs:
-    result = os.path.join(FLAGS.out, f"{name}.json")
+    result = os.path.join(FLAGS.results_dir, f"{name}.json")
     command = [sys.executable, "-m", "experiments.compare_architectures",
-               f"--child_config={config_spec(name)}", f"--result={result}", f"--out={FLAGS.out}",
-               f"--workdirs={FLAGS.workdirs}"]
+               f"--child_config={config_spec(name)}", f"--result={result}",
+               f"--results_dir={FLAGS.results_dir}", f"--workdirs={FLAGS.workdirs}"]
     command += [f"--config.{o}" for o in config_overrides()]
     print(f"== {name}: {config_spec(name)}", flush=True)
     row = dict(name=name, config=config_spec(name), overrides=config_overrides())
@@ -129,7 +130,7 @@ def run_all():
     except subprocess.TimeoutExpired as e:
       log = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
       row["error"] = f"stopped after --run_timeout={FLAGS.run_timeout} s"
-    with open(os.path.join(FLAGS.out, f"{name}.log"), "w") as f:
+    with open(os.path.join(FLAGS.results_dir, f"{name}.log"), "w") as f:
       f.write(log)
     row["process_s"] = time.perf_counter() - start
     print(format_row(row), flush=True)
@@ -212,7 +213,7 @@ def main(argv):
   if FLAGS.result:
     run_child()
   elif FLAGS.table_only:
-    write_table_and_plot(os.path.join(FLAGS.out, "architectures.jsonl"), FLAGS.png)
+    write_table_and_plot(os.path.join(FLAGS.results_dir, "architectures.jsonl"), FLAGS.png)
   else:
     run_all()
 
