@@ -216,11 +216,8 @@ class Attention(nnx.Module):
   def _project(self, x, positions_T):
     return (self.queries(x, positions_T),) + self.keys_values(x, positions_T)
 
-  def output(self, o_BxTxHxD: Array, x_BxTxD: Array) -> Array:
+  def output(self, o_BxTxHxD: Array, x: Array) -> Array:
     """The attention output [B, T, H, D] of queries from x, gated by x and projected."""
-    return self._output(o_BxTxHxD, x_BxTxD)
-
-  def _output(self, o_BxTxHxD, x):
     b, t = x.shape[:2]
     o = o_BxTxHxD.reshape(b, t, self.config.num_heads * self.config.head_dim)
     return self.out_proj(o * jax.nn.silu(self.gate_proj(x)))
@@ -234,8 +231,8 @@ class Attention(nnx.Module):
     if context_axis is not None:
       return self._context_parallel(x, context_axis)
     q, k, v = self._project(x, jnp.arange(x.shape[1]))
-    persistent = self.persistent_kv() if c.persistent_tokens else None
-    return self._output(causal_attention(q, k, v, c.window, persistent, c.implementation), x)
+    return self.output(causal_attention(q, k, v, c.window, self.persistent_kv(),
+                                        c.implementation), x)
 
   def _context_parallel(self, x, axis):
     length = x.shape[1]
@@ -243,7 +240,7 @@ class Attention(nnx.Module):
     positions = start + jnp.arange(length, dtype=jnp.int32)
     q, k, v = self._project(x, positions)
     keys, values, key_pos = windowed_halo(k, v, positions, self.config.window, axis)
-    return self._output(attend(q, positions, keys, values, key_pos, self.config.window,
+    return self.output(attend(q, positions, keys, values, key_pos, self.config.window,
                                self.persistent_kv()), x)
 
   # --- streaming and decoding: a KV cache, a ring of the last `window` keys for SWA ---
@@ -272,4 +269,4 @@ class Attention(nnx.Module):
     q, k, v = self._project(x, positions)
     ring = {name: cache[name] for name in ("k", "v", "slot_pos")}
     o, ring = attend_and_write(q, k, v, positions, ring, self.config.window, self.persistent_kv())
-    return self._output(o, x), dict(ring, position=start + x.shape[1])
+    return self.output(o, x), dict(ring, position=start + x.shape[1])

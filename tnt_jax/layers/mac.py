@@ -131,7 +131,7 @@ class MACMixer(nnx.Module):
     read = lambda w, s, q: model.apply(plain_dense(w), s, q)
     per_batch = jax.vmap(jax.vmap(read), in_axes=(0, None, 0))
     o = per_batch(weights, slow, jnp.swapaxes(q_BxLxHxD, 1, 2).astype(acc))
-    return self.memory._output(jnp.swapaxes(o, 1, 2).astype(self.dtype), x_BxLxD)
+    return self.memory.output(jnp.swapaxes(o, 1, 2).astype(self.dtype), x_BxLxD)
 
   def _gate(self, attended: Array, remembered: Array) -> Array:
     return self.attention_norm(attended) * jax.nn.sigmoid(self.memory_norm(remembered))

@@ -136,7 +136,8 @@ class MemoryLayer(nnx.Module):
     return ([m.gates(x) for m in self.memories], [m.weights() for m in self.memories],
             [m.slow_params() for m in self.memories])
 
-  def _output(self, o_BxTxHxD, x, attended_BxTxHxD=None):
+  def output(self, o_BxTxHxD, x, attended_BxTxHxD=None):
+    """Per-head output norm (+ the shared attention's), SiLU gate by x, projection."""
     b, t, _ = x.shape
     o = self.out_norm(o_BxTxHxD.astype(self.dtype))
     if attended_BxTxHxD is not None:
@@ -182,7 +183,7 @@ class MemoryLayer(nnx.Module):
     attended = None
     if self.config.shared_window is not None:
       attended = self._shared_attention(q, k, v, context_axis)
-    return self._output(o_BxTxHxD, x, attended)
+    return self.output(o_BxTxHxD, x, attended)
 
   # --- streaming and decoding (SPEC §2.2) ---
 
@@ -230,7 +231,7 @@ class MemoryLayer(nnx.Module):
       q, k = self._attention_qk(q, k, positions)
       attended, cache["attention"] = attend_and_write(q, k, v, positions, cache["attention"],
                                                       self.config.shared_window)
-    return self._output(o_BxTxHxD, x, attended), cache
+    return self.output(o_BxTxHxD, x, attended), cache
 
 
 def count_params(module: nnx.Module) -> int:

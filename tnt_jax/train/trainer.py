@@ -84,8 +84,6 @@ def _check_config(config) -> None:
 def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
   metadata = ckpt_lib.read_metadata(init_from)
   pattern = metadata.get("model_pattern")
-  if isinstance(pattern, str):
-    pattern = pattern.split(",")
   # a block kind names its memory after the colon in hybrids (mag:tnt) or is the kind itself
   if not pattern or not any((kind.partition(":")[2] or kind) == "tnt" for kind in pattern):
     raise ValueError(f"init_from={init_from!r} holds a checkpoint of a model with mixers "
