@@ -1,0 +1,442 @@
+"""Fused Pallas kernel of the chunkwise memory op (SPEC §1.2-1.3), with its jnp reference.
+
+One kernel program owns one (batch, head) and walks that row's chunks in order inside the launch,
+holding the fast weights W (and Titans' momentum S) on chip in float32 from the first chunk to the
+last. Per chunk it does, in one pass (dual form, as in ops/chunkwise.py):
+
+    keys:    forward of f(W0; k) layer by layer, loss gradient, backward -> per-token (delta, a)
+    read:    cumulative  o_t = f(W_t; q_t), each dense layer as  p_t (W0 x) + q_t (S0 x)
+                                                                  + (R o (x a^T)) delta
+             chunk_start o_t = f(W0; q_t)
+    update:  W1 = p W0 + q S0 + sum_j c_j delta_j a_j^T ;  S1 = r S0 + sum_j s_j delta_j a_j^T
+
+The gate coefficients (p, q, r, R, c, s; ops/transitions.py) are O(C^2) per chunk and computed
+before the launch in XLA; everything O(C d h) is in the kernel. Matmul operands are in the input
+dtype, accumulation and the state in float32, exactly as the XLA path rounds them.
+
+Drivers (one chunk step, `_chunk_step`, shared by all):
+  "sequential_grid"  grid (batch*heads, chunks) with the chunk axis sequential; the state lives in
+                     the final-state output block, which stays resident while its block index is
+                     unchanged. Mosaic TPU, and interpret mode anywhere.
+  "chunk_loop"       grid (batch*heads,); a fori_loop over chunks inside the program with the state
+                     as the loop carry (registers). GPU (Pallas' Triton lowering), and interpret.
+
+Backward (version 1): `jax.custom_vjp` whose backward recomputes with the XLA chunkwise path
+(ops/chunkwise.py, chunk-group checkpointing) and takes its vjp. It is exact, but the fwd+bwd costs
+one kernel forward plus the XLA forward and backward; a fused backward kernel is future work
+(docs/kernel_notes.md).
+
+Supported: models "linear" and "mlp" (any depth) without bias or residual norm; losses l2 and dot;
+rules gd and titans; both read modes. Anything else (swiglu, TTT's bias/LayerNorm, the lact rule)
+is refused by `unsupported_reason` and ops/api.py falls back to XLA with a logged reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from tnt_jax.memory.config import MemoryConfig
+from tnt_jax.memory.models import ACTIVATIONS
+from tnt_jax.memory.rules import Gates, MemoryState
+from tnt_jax.ops import transitions
+from tnt_jax.ops.chunkwise import chunkwise_memory
+
+Array = jax.Array
+DRIVERS = ("sequential_grid", "chunk_loop")
+# The driver each platform compiles; elsewhere only interpret mode runs the kernel.
+PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBlocks:
+  """Launch parameters. The block itself is fixed: one (batch, head) row, one chunk at a time.
+
+  num_warps / num_stages: GPU (Triton) only. max_state_bytes: the largest per-row float32 state
+  (weights + momentum) the kernel accepts; larger states spill out of registers / VMEM.
+  """
+  num_warps: int = 4
+  num_stages: int = 1
+  max_state_bytes: int = 256 * 1024
+
+  def __post_init__(self):
+    for name in ("num_warps", "num_stages", "max_state_bytes"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
+    if self.num_warps & (self.num_warps - 1):
+      raise ValueError(f"KernelBlocks.num_warps={self.num_warps} must be a power of 2")
+
+
+def _is_power_of_2(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: str,
+                       interpret: bool, blocks: KernelBlocks = KernelBlocks()) -> str | None:
+  """Why the kernel cannot run this op (None when it can). Shapes and config only."""
+  model, rule = config.model, config.rule
+  if model.kind not in ("linear", "mlp"):
+    return f"memory model kind={model.kind!r} (the kernel does linear and mlp)"
+  if model.bias or model.residual_norm:
+    return (f"bias={model.bias}, residual_norm={model.residual_norm} (TTT's bias and "
+            "LayerNorm are not in the kernel)")
+  if rule.kind not in ("gd", "titans"):
+    return f"rule={rule.kind!r} (the kernel does gd and titans)"
+  state_bytes = sum(o * i for o, i in model.layer_shapes(head_dim).values()) * 4
+  state_bytes *= 2 if rule.has_momentum else 1
+  if state_bytes > blocks.max_state_bytes:
+    return (f"the per-row state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
+            f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
+  if not interpret:
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+      return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
+    if driver == "chunk_loop":
+      sizes = {"chunk_size": config.chunk_size, "head_dim": head_dim}
+      sizes.update({f"{name}.out": o for name, (o, _) in model.layer_shapes(head_dim).items()})
+      for name, size in sizes.items():
+        if not _is_power_of_2(size) or size < 16:
+          return (f"{name}={size}: the GPU lowering needs powers of 2 >= 16 for every matmul "
+                  "dimension")
+  return None
+
+
+class ChunkCoefs(NamedTuple):
+  """Per (row, chunk) gate coefficients, 2-D so each broadcasts against a [C, d] block.
+
+  read_w0, read_s0 [C, 1], read_x [C, C]: cumulative read (None for chunk_start).
+  end_w0, end_s0, end_ss0 [1, 1]; end_x, end_sx [C, 1]: the chunk-end state update.
+  Momentum terms are None for the gd rule.
+  """
+  read_w0: Array | None
+  read_s0: Array | None
+  read_x: Array | None
+  end_w0: Array
+  end_s0: Array | None
+  end_x: Array
+  end_ss0: Array | None
+  end_sx: Array | None
+
+
+def _mm(x, y, compute_dtype, *, transpose_y=False):
+  """x @ y (or x @ y^T) with operands in the compute dtype, accumulated in float32+."""
+  acc = jnp.promote_types(compute_dtype, jnp.float32)
+  dims = (((1,), (1,)), ((), ())) if transpose_y else (((1,), (0,)), ((), ()))
+  return jax.lax.dot_general(x.astype(compute_dtype), y.astype(compute_dtype), dims,
+                             preferred_element_type=acc)
+
+
+def _act_and_grad(name: str, z):
+  """(act(z), act'(z)) written out, so the kernel holds no jax.grad."""
+  if name == "gelu":   # tanh approximation, as jax.nn.gelu's default
+    c = 0.7978845608028654
+    inner = c * (z + 0.044715 * z * z * z)
+    th = jnp.tanh(inner)
+    dinner = c * (1.0 + 3 * 0.044715 * z * z)
+    return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * dinner
+  if name == "silu":
+    s = jax.nn.sigmoid(z)
+    return z * s, s * (1.0 + z * (1.0 - s))
+  if name == "relu":
+    return jnp.maximum(z, 0.0), jnp.where(z > 0, 1.0, 0.0).astype(z.dtype)
+  if name == "tanh":
+    t = jnp.tanh(z)
+    return t, 1.0 - t * t
+  raise ValueError(f"activation={name!r} has no kernel derivative")
+
+
+def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
+                config: MemoryConfig, compute_dtype):
+  """One chunk of one row. weights/momentum: [out, in] float32 per layer (in layer order);
+  q, k, v: [C, d]. Returns (weights', momentum', out [C, d] float32)."""
+  acc = jnp.promote_types(compute_dtype, jnp.float32)
+  depth = len(weights)
+  act = config.model.activation
+  mm = functools.partial(_mm, compute_dtype=compute_dtype)
+
+  # Keys: forward at W0, keeping each layer's input and pre-activation.
+  inputs, pre = [], []
+  x = k.astype(acc)
+  for i, w in enumerate(weights):
+    inputs.append(x)
+    z = mm(x, w, transpose_y=True)
+    pre.append(z)
+    x = _act_and_grad(act, z)[0] if i < depth - 1 else z
+  v = v.astype(acc)
+  dy = 2.0 * (x - v) if config.loss == "l2" else -v
+  # Backward: delta_i is d loss / d (layer i's output); the gradient of W_i is delta_i^T a_i.
+  deltas = [None] * depth
+  delta = dy
+  for i in reversed(range(depth)):
+    deltas[i] = delta
+    if i:
+      delta = mm(delta, weights[i]) * _act_and_grad(act, pre[i - 1])[1]
+
+  # Read.
+  x = q.astype(acc)
+  for i, w in enumerate(weights):
+    if config.read == "cumulative":
+      z = c.read_w0 * mm(x, w, transpose_y=True)
+      if momentum is not None:
+        z = z + c.read_s0 * mm(x, momentum[i], transpose_y=True)
+      scores = c.read_x * mm(x, inputs[i], transpose_y=True)
+      z = z + mm(scores, deltas[i])
+    else:
+      z = mm(x, w, transpose_y=True)
+    x = _act_and_grad(act, z)[0] if i < depth - 1 else z
+  out = x
+
+  # Update: sum_j coef_j delta_j a_j^T = (coef * delta)^T a.
+  outer = lambda coef, i: mm((coef * deltas[i]).T, inputs[i])
+  new_weights, new_momentum = [], None if momentum is None else []
+  for i, w in enumerate(weights):
+    w1 = c.end_w0 * w + outer(c.end_x, i)
+    if momentum is not None:
+      w1 = w1 + c.end_s0 * momentum[i]
+      new_momentum.append(c.end_ss0 * momentum[i] + outer(c.end_sx, i))
+    new_weights.append(w1)
+  return new_weights, new_momentum, out
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _rows(x_BxTxHx_, num_chunks, chunk):
+  """[B, T, H, ...] -> [B*H, N, C, ...], zero-padded at the end of T."""
+  b, t, h = x_BxTxHx_.shape[:3]
+  pad = num_chunks * chunk - t
+  if pad:
+    x_BxTxHx_ = jnp.pad(x_BxTxHx_, [(0, 0), (0, pad)] + [(0, 0)] * (x_BxTxHx_.ndim - 2))
+  x = jnp.moveaxis(x_BxTxHx_, 2, 1)
+  return x.reshape((b * h, num_chunks, chunk) + x.shape[3:])
+
+
+def chunk_coefficients(gates: Gates, config: MemoryConfig, batch: int, length: int,
+                       heads: int, acc) -> ChunkCoefs:
+  """The gate coefficients of every (row, chunk), laid out [B*H, N, ...] for the kernel."""
+  chunk = config.chunk_size
+  n = -(-length // chunk)
+  valid = (jnp.arange(n * chunk) < length).reshape(1, n, chunk)
+  rows = lambda g: _rows(g.astype(acc), n, chunk)                     # [BH, N, C]
+  theta = jnp.where(valid, rows(gates.theta), 0.0)
+  zeros = jnp.zeros_like(theta)
+  eta = zeros if gates.eta is None else rows(gates.eta)
+  alpha = zeros if gates.alpha is None else rows(gates.alpha)
+  valid = jnp.broadcast_to(valid, theta.shape)
+  has_s = config.rule.has_momentum
+  col = lambda x: x[..., :, None]                                      # [..., C] -> [..., C, 1]
+  one = lambda x: x[..., None, None]                                   # [...] -> [..., 1, 1]
+  if config.read == "cumulative":
+    c = transitions.chunk_token_coefficients(-theta, eta, alpha, valid)
+    return ChunkCoefs(
+        read_w0=col(c.w_from_w0), read_s0=col(c.w_from_s0) if has_s else None,
+        read_x=c.w_from_x, end_w0=one(c.w_from_w0[..., -1]),
+        end_s0=one(c.w_from_s0[..., -1]) if has_s else None, end_x=col(c.w_from_x[..., -1, :]),
+        end_ss0=one(c.s_from_s0) if has_s else None, end_sx=col(c.s_from_x) if has_s else None)
+  c = transitions.chunk_end_coefficients(-theta, eta, alpha, valid)
+  return ChunkCoefs(
+      read_w0=None, read_s0=None, read_x=None, end_w0=one(c.w_from_w0),
+      end_s0=one(c.w_from_s0) if has_s else None, end_x=col(c.w_from_x),
+      end_ss0=one(c.s_from_s0) if has_s else None, end_sx=col(c.s_from_x) if has_s else None)
+
+
+def _state_rows(tree_layers: dict, names, acc):
+  """{layer: {"w": [B, H, o, i]}} -> [B*H, o, i] per layer, in layer order."""
+  return [tree_layers[n]["w"].astype(acc).reshape((-1,) + tree_layers[n]["w"].shape[2:])
+          for n in names]
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def _pallas_forward(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
+                    config: MemoryConfig, *, driver: str, interpret, blocks: KernelBlocks):
+  b, t, h, d = q_BxTxHxD.shape
+  chunk = config.chunk_size
+  n = -(-t // chunk)
+  cd = q_BxTxHxD.dtype
+  acc = jnp.promote_types(cd, jnp.float32)
+  names = list(config.model.layer_shapes(d))
+  shapes = [config.model.layer_shapes(d)[nm] for nm in names]
+  q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
+  coefs = chunk_coefficients(gates, config, b, t, h, acc)
+  coef_fields = [f for f in ChunkCoefs._fields if getattr(coefs, f) is not None]
+  coef_arrays = [getattr(coefs, f) for f in coef_fields]
+  w0 = _state_rows(state.weights, names, acc)
+  has_s = state.momentum is not None
+  s0 = _state_rows(state.momentum, names, acc) if has_s else []
+  depth = len(names)
+  step = functools.partial(_chunk_step, config=config, compute_dtype=cd)
+
+  def unpack_coefs(values):
+    given = dict(zip(coef_fields, values))
+    return ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
+
+  out_shape = [jax.ShapeDtypeStruct((b * h, n, chunk, d), cd)]
+  out_shape += [jax.ShapeDtypeStruct((b * h,) + s, acc) for s in shapes] * (2 if has_s else 1)
+  num_in = 3 + len(coef_arrays) + len(w0) + len(s0)
+
+  if driver == "sequential_grid":
+    def kernel(*refs):
+      ins, outs = refs[:num_in], refs[num_in:]
+      q_ref, k_ref, v_ref = ins[:3]
+      coef_refs = ins[3:3 + len(coef_arrays)]
+      init_refs = ins[3 + len(coef_arrays):]
+      out_ref, state_refs = outs[0], outs[1:]
+
+      @pl.when(pl.program_id(1) == 0)
+      def _():
+        for init_ref, state_ref in zip(init_refs, state_refs):
+          state_ref[...] = init_ref[...]
+
+      weights = [r[...] for r in state_refs[:depth]]
+      momentum = [r[...] for r in state_refs[depth:]] if has_s else None
+      c = unpack_coefs([r[...] for r in coef_refs])
+      weights, momentum, out = step(weights, momentum, q_ref[...], k_ref[...], v_ref[...], c)
+      out_ref[...] = out.astype(out_ref.dtype)
+      for r, val in zip(state_refs, weights + (momentum or [])):
+        r[...] = val
+
+    chunk_spec = lambda x: pl.BlockSpec((None, None) + x.shape[2:],
+                                        lambda i, j: (i, j) + (0,) * (x.ndim - 2))
+    row_spec = lambda s: pl.BlockSpec((None,) + s, lambda i, j: (i, 0, 0))
+    in_specs = [chunk_spec(x) for x in (q, k, v, *coef_arrays)]
+    in_specs += [row_spec(x.shape[1:]) for x in w0 + s0]
+    out_specs = [chunk_spec(q)] + [row_spec(s) for s in shapes] * (2 if has_s else 1)
+    grid = (b * h, n)
+    compiler_params = None
+    if not interpret:
+      from jax.experimental.pallas import tpu as pltpu
+      compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+  elif driver == "chunk_loop":
+    def kernel(*refs):
+      ins, outs = refs[:num_in], refs[num_in:]
+      q_ref, k_ref, v_ref = ins[:3]
+      coef_refs = ins[3:3 + len(coef_arrays)]
+      init_refs = ins[3 + len(coef_arrays):]
+      out_ref, state_refs = outs[0], outs[1:]
+      init = ([r[...] for r in init_refs[:depth]],
+              [r[...] for r in init_refs[depth:]] if has_s else None)
+
+      def body(j, carry):
+        weights, momentum = carry
+        c = unpack_coefs([r[j] for r in coef_refs])
+        weights, momentum, out = step(weights, momentum, q_ref[j], k_ref[j], v_ref[j], c)
+        out_ref[j] = out.astype(out_ref.dtype)
+        return weights, momentum
+
+      weights, momentum = jax.lax.fori_loop(0, n, body, init)
+      for r, val in zip(state_refs, weights + (momentum or [])):
+        r[...] = val
+
+    whole_row = lambda x: pl.BlockSpec((None,) + x.shape[1:],
+                                       lambda i: (i,) + (0,) * (x.ndim - 1))
+    in_specs = [whole_row(x) for x in (q, k, v, *coef_arrays, *w0, *s0)]
+    out_specs = [whole_row(o) for o in out_shape]
+    grid = (b * h,)
+    compiler_params = None
+    if not interpret:
+      from jax.experimental.pallas import triton as pltriton
+      compiler_params = pltriton.CompilerParams(num_warps=blocks.num_warps,
+                                                num_stages=blocks.num_stages)
+  else:
+    raise ValueError(f"driver={driver!r} is unknown; expected one of {DRIVERS}")
+
+  results = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+      compiler_params=compiler_params, interpret=interpret,
+      name=f"chunk_memory_{config.model.kind}_{config.rule.kind}_{config.read}",
+  )(q, k, v, *coef_arrays, *w0, *s0)
+  out_rows, state_rows = results[0], results[1:]
+  out = out_rows.reshape(b, h, n * chunk, d)[:, :, :t]
+  out = jnp.moveaxis(out, 1, 2)
+  unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
+                         for nm, r in zip(names, rows)}
+  final = MemoryState(unflat(state_rows[:depth]),
+                      unflat(state_rows[depth:]) if has_s else None)
+  return out, final
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _kernel_memory(q, k, v, gates, state, config, driver, interpret, blocks):
+  return _pallas_forward(q, k, v, gates, state, config, driver=driver, interpret=interpret,
+                         blocks=blocks)
+
+
+def _kernel_memory_fwd(q, k, v, gates, state, config, driver, interpret, blocks):
+  out = _pallas_forward(q, k, v, gates, state, config, driver=driver, interpret=interpret,
+                        blocks=blocks)
+  return out, (q, k, v, gates, state)
+
+
+def _kernel_memory_bwd(config, driver, interpret, blocks, residuals, cotangents):
+  # Version 1: recompute with the XLA path and take its vjp (exact; see the module docstring).
+  def xla(q, k, v, gates, state):
+    return chunkwise_memory(q, k, v, gates, state, {}, config, remat=False)
+  _, vjp = jax.vjp(xla, *residuals)
+  return vjp(cotangents)
+
+
+_kernel_memory.defvjp(_kernel_memory_fwd, _kernel_memory_bwd)
+
+
+def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
+                  state: MemoryState, config: MemoryConfig, *, driver: str | None = None,
+                  interpret=False, blocks: KernelBlocks = KernelBlocks()):
+  """The fused kernel: (outputs [B, T, H, D], final state), the contract of ops/api.py.
+
+  driver: None picks the platform's (PLATFORM_DRIVER); interpret: True (or TPU InterpretParams)
+  runs the kernel body on any backend, for tests. Raises ValueError where the kernel cannot run
+  this op (ops/api.py checks `unsupported_reason` first and falls back instead).
+  """
+  if driver is None:
+    platform = jax.default_backend()
+    driver = PLATFORM_DRIVER.get(platform, "sequential_grid" if interpret else None)
+    if driver is None:
+      raise ValueError(f"platform={platform!r} has no compiled Pallas kernel; pass "
+                       "interpret=True or use implementation='xla'")
+  if driver not in DRIVERS:
+    raise ValueError(f"driver={driver!r} is unknown; expected one of {DRIVERS}")
+  reason = unsupported_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, driver=driver,
+                              interpret=bool(interpret), blocks=blocks)
+  if reason is not None:
+    raise ValueError(f"the fused kernel does not support this op: {reason}")
+  return _kernel_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config, driver,
+                        interpret, blocks)
+
+
+def kernel_memory_reference(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,
+                            gates: Gates, state: MemoryState, config: MemoryConfig):
+  """The kernel's math in plain jnp: `_chunk_step` scanned over chunks and vmapped over rows."""
+  b, t, h, d = q_BxTxHxD.shape
+  chunk = config.chunk_size
+  n = -(-t // chunk)
+  cd = q_BxTxHxD.dtype
+  acc = jnp.promote_types(cd, jnp.float32)
+  names = list(config.model.layer_shapes(d))
+  q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
+  coefs = chunk_coefficients(gates, config, b, t, h, acc)
+  w0 = _state_rows(state.weights, names, acc)
+  s0 = None if state.momentum is None else _state_rows(state.momentum, names, acc)
+  step = functools.partial(_chunk_step, config=config, compute_dtype=cd)
+
+  def row(q, k, v, coefs, w0, s0):
+    def body(carry, xs):
+      weights, momentum, out = step(*carry, *xs)
+      return (weights, momentum), out
+    (w, s), out = jax.lax.scan(body, (w0, s0), (q, k, v, coefs))
+    return w, s, out
+
+  w, s, out = jax.vmap(row)(q, k, v, coefs, w0, s0)
+  out = jnp.moveaxis(out.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
+  unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
+                         for nm, r in zip(names, rows)}
+  return out, MemoryState(unflat(w), None if s is None else unflat(s))
