@@ -57,19 +57,26 @@ PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
 class KernelBlocks:
   """Launch parameters. The block itself is fixed: one (batch, head) row, one chunk at a time.
 
-  num_warps / num_stages: GPU (Triton) only. max_state_bytes: the largest per-row float32 state
-  (weights + momentum) the kernel accepts; larger states spill out of registers / VMEM.
+  num_warps / num_stages: GPU (Triton) only; num_warps None picks 4 for a linear memory and 8
+    for an mlp (measured on an H100, docs/kernel_notes.md).
+  max_state_bytes: the largest per-row float32 state (weights + momentum) the kernel accepts;
+    larger states spill out of registers / VMEM.
+  max_chunk: the largest compiled chunk. A chunk's C x C scores and C x hidden activations live
+    in registers; past this XLA's batched matmuls win (docs/kernel_notes.md).
   """
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 1
   max_state_bytes: int = 256 * 1024
+  max_chunk: int = 64
 
   def __post_init__(self):
-    for name in ("num_warps", "num_stages", "max_state_bytes"):
+    for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk"):
       value = getattr(self, name)
+      if name == "num_warps" and value is None:
+        continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
-    if self.num_warps & (self.num_warps - 1):
+    if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
       raise ValueError(f"KernelBlocks.num_warps={self.num_warps} must be a power of 2")
 
 
@@ -94,6 +101,9 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     return (f"the per-row state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
             f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
   if not interpret:
+    if config.chunk_size > blocks.max_chunk:
+      return (f"chunk_size={config.chunk_size} > KernelBlocks.max_chunk={blocks.max_chunk} "
+              "(large chunks are XLA's batched matmuls)")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
     if driver == "chunk_loop":
@@ -310,7 +320,7 @@ def _pallas_forward(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
     out_specs = [chunk_spec(q)] + [row_spec(s) for s in shapes] * (2 if has_s else 1)
     grid = (b * h, n)
     compiler_params = None
-    if not interpret:
+    if interpret is not True:   # compiled for TPU, or the TPU interpreter (InterpretParams)
       from jax.experimental.pallas import tpu as pltpu
       compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
   elif driver == "chunk_loop":
@@ -342,7 +352,8 @@ def _pallas_forward(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
     compiler_params = None
     if not interpret:
       from jax.experimental.pallas import triton as pltriton
-      compiler_params = pltriton.CompilerParams(num_warps=blocks.num_warps,
+      num_warps = blocks.num_warps or (4 if config.model.kind == "linear" else 8)
+      compiler_params = pltriton.CompilerParams(num_warps=num_warps,
                                                 num_stages=blocks.num_stages)
   else:
     raise ValueError(f"driver={driver!r} is unknown; expected one of {DRIVERS}")

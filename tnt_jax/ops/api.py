@@ -12,22 +12,29 @@ state: `MemoryState(weights, momentum)` with leaves [batch, heads, ...]; `config
   x[:, :T1] then on x[:, T1:] with the carried state equals one call when T1 is a multiple of
   chunk_size (chunks are counted from each call's first token).
 slow: the model's slow parameters ({} unless residual_norm), leaves [heads, head_dim].
-implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel).
+implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel) | "pallas" (the
+  fused kernel, tnt_jax/kernels/chunk_memory.py, on GPU and TPU; where it cannot run this op --
+  model, rule, dtype, shape or platform -- the xla path runs instead and the reason is logged
+  once) | "pallas_interpret" (the same kernel body interpreted, on any backend: for tests).
 A length that is not a multiple of chunk_size is fine: the last chunk is shorter.
 """
 
 from __future__ import annotations
 
+import functools
+
+from absl import logging
 import jax
 import jax.numpy as jnp
 
+from tnt_jax.kernels import chunk_memory
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.reference import reference_memory
 from tnt_jax.memory.rules import Gates, MemoryState
 from tnt_jax.ops.chunkwise import chunkwise_memory
 
 Array = jax.Array
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_interpret")
 
 
 def _shape_of(x):
@@ -113,5 +120,28 @@ def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates
   validate_memory_inputs(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
   if implementation == "reference":
     return reference_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
+  if implementation.startswith("pallas"):
+    interpret = implementation == "pallas_interpret"
+    reason = kernel_fallback_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, interpret)
+    if reason is None:
+      return chunk_memory.kernel_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
+                                        interpret=interpret)
+    _log_fallback(reason)
   return chunkwise_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config,
                           remat=remat, unroll=unroll)
+
+
+def kernel_fallback_reason(config: MemoryConfig, head_dim: int, dtype, interpret: bool
+                           ) -> str | None:
+  """Why implementation="pallas" would run the xla path for this op (None: the kernel runs)."""
+  platform = jax.default_backend()
+  driver = chunk_memory.PLATFORM_DRIVER.get(platform)
+  if driver is None and not interpret:
+    return f"platform={platform!r} has no compiled Pallas kernel (GPU and TPU do)"
+  return chunk_memory.unsupported_reason(config, head_dim, dtype,
+                                         driver=driver or "sequential_grid", interpret=interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(reason: str) -> None:
+  logging.warning("memory_op(implementation='pallas'): running the xla path instead: %s", reason)

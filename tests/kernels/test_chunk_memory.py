@@ -1,0 +1,240 @@
+"""The fused chunk-memory kernel against the token-level reference.
+
+`ChunkMemoryKernelTest` compiles the kernel for the accelerator it runs on (GPU: Triton lowering,
+TPU: Mosaic) and is skipped elsewhere; its subclasses interpret the same kernel body on the CPU
+(generic interpret mode for both drivers, and the TPU interpreter for the TPU driver). Shapes are
+the compiled kernel's (chunk 16, head dims 64 and 128, lengths not a multiple of the chunk).
+"""
+
+import zlib
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.helpers import assert_trees_rel_close, outputs_and_vjp, random_inputs, rel_err
+from tnt_jax.kernels import chunk_memory
+from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory, kernel_memory_reference
+from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
+from tnt_jax.ops import api
+from tnt_jax.ops.api import memory_op
+from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
+
+MODELS = {"linear": MemoryModel("linear"),
+          "mlp": MemoryModel("mlp", depth=2, expansion=1.0, activation="gelu")}
+RULE_READS = {"gd_cumulative": ("gd", "cumulative"), "titans_cumulative": ("titans", "cumulative"),
+              "gd_chunk_start": ("gd", "chunk_start"),
+              "titans_chunk_start": ("titans", "chunk_start")}
+CHUNK, LENGTH = 16, 40                      # 2 whole chunks and a partial one
+# Relative Frobenius tolerances against the reference at the same precision (bf16: against the
+# float32 reference on the same bf16-rounded inputs).
+TOLERANCE = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 2e-2}
+
+
+def _config(model, rule_read, loss="l2"):
+  rule, read = RULE_READS[rule_read]
+  return MemoryConfig(MODELS[model], UpdateRule(rule), loss, read, CHUNK)
+
+
+def _inputs(config, head_dim, dtype, seed):
+  args = random_inputs(config, jax.random.key(seed), batch=1, length=LENGTH, heads=2,
+                       head_dim=head_dim, dtype=jnp.float32)
+  q, k, v, gates, state, _ = args
+  cast = lambda x: x.astype(dtype)
+  return (cast(q), cast(k), cast(v), jax.tree.map(cast, gates),
+          jax.tree.map(lambda x: x.astype(jnp.promote_types(dtype, jnp.float32)), state))
+
+
+def _outputs_and_vjp(fn, args, seed):
+  """fn(*args) and its vjp at a random cotangent drawn in float32 (then cast), so a bf16 run
+  and its float32 reference see the same cotangent."""
+  outputs, vjp = jax.vjp(fn, *args)
+  leaves, treedef = jax.tree.flatten(outputs)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  cot = [jax.random.normal(key, x.shape, jnp.promote_types(x.dtype, jnp.float32)).astype(x.dtype)
+         for key, x in zip(keys, leaves)]
+  return outputs, vjp(jax.tree.unflatten(treedef, cot))
+
+
+def _seed(*names):
+  return zlib.crc32("/".join(map(str, names)).encode()) % 100_000
+
+
+class ChunkMemoryKernelTest(parameterized.TestCase):
+  """Compiled on the accelerator; subclasses set INTERPRET to run it anywhere."""
+
+  INTERPRET = False
+  DRIVERS = (None,)          # None: the platform's driver
+  DTYPES = ("float32", "bfloat16")
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() not in chunk_memory.PLATFORM_DRIVER:
+      self.skipTest(f"no compiled Pallas kernel on {jax.default_backend()!r}")
+    jax.config.update("jax_enable_x64", True)
+    self.addCleanup(jax.config.update, "jax_enable_x64", False)
+
+  def _kernel(self, config, driver):
+    return lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
+                                               interpret=self.INTERPRET)
+
+  def _check(self, config, head_dim, dtype, seed):
+    if dtype not in self.DTYPES:
+      self.skipTest(f"{dtype} is not compiled")
+    args = _inputs(config, head_dim, getattr(jnp, dtype), seed)
+    ref_dtype = jnp.float32 if dtype == "bfloat16" else getattr(jnp, dtype)
+    ref_args = jax.tree.map(lambda x: x.astype(jnp.promote_types(ref_dtype, x.dtype)), args)
+    reference = lambda q, k, v, g, s: memory_op(q, k, v, g, s, {}, config,
+                                                implementation="reference")
+    (ref_out, ref_state), ref_grads = jax.jit(
+        lambda a: _outputs_and_vjp(reference, a, seed))(ref_args)
+    tol = TOLERANCE[dtype]
+    for driver in self.DRIVERS:
+      (out, state), grads = jax.jit(
+          lambda a: _outputs_and_vjp(self._kernel(config, driver), a, seed))(args)
+      self.assertEqual(out.dtype, args[0].dtype)
+      self.assertEqual(out.shape, args[0].shape)
+      what = f"{driver}/{dtype}/"
+      assert_trees_rel_close(self, out, ref_out, tol, what + "out")
+      assert_trees_rel_close(self, state, ref_state, tol, what + "state")
+      for name, g, r in zip(("q", "k", "v", "gates", "state"), grads, ref_grads):
+        assert_trees_rel_close(self, g, r, tol, f"{what}d_{name}")
+
+  @parameterized.product(model=tuple(MODELS), rule_read=tuple(RULE_READS))
+  def test_matches_reference_float32(self, model, rule_read):
+    config = _config(model, rule_read)
+    self._check(config, 64, "float32", _seed(model, rule_read))
+
+  @parameterized.product(model=tuple(MODELS), rule_read=("titans_cumulative", "gd_chunk_start"))
+  def test_head_dim_128(self, model, rule_read):
+    config = _config(model, rule_read)
+    self._check(config, 128, "float32", _seed(model, rule_read, 128))
+
+  @parameterized.product(model=tuple(MODELS), rule_read=("gd_cumulative", "titans_chunk_start"))
+  def test_matches_reference_bfloat16(self, model, rule_read):
+    config = _config(model, rule_read)
+    self._check(config, 64, "bfloat16", _seed(model, rule_read, "bf16"))
+
+  @parameterized.parameters("linear", "mlp")
+  def test_dot_loss_and_silu(self, model):
+    memory = MemoryModel("mlp", expansion=1.0, activation="silu") if model == "mlp" else \
+        MODELS["linear"]
+    config = MemoryConfig(memory, UpdateRule("titans"), "dot", "cumulative", CHUNK)
+    self._check(config, 64, "float32", _seed(model, "dot"))
+
+  def test_memory_op_pallas_uses_the_kernel_or_falls_back_exactly(self):
+    config = _config("mlp", "titans_cumulative")
+    q, k, v, g, s = _inputs(config, 64, jnp.float32, 3)
+    implementation = "pallas_interpret" if self.INTERPRET else "pallas"
+    got = memory_op(q, k, v, g, s, {}, config, implementation=implementation)
+    want = kernel_memory(q, k, v, g, s, config, interpret=self.INTERPRET)
+    assert_trees_rel_close(self, got, want, 1e-7, "memory_op")
+
+
+class ChunkMemoryKernelInterpretTest(ChunkMemoryKernelTest):
+  """Both drivers interpreted on the CPU, float64 included (the ~1e-6 check)."""
+
+  INTERPRET = True
+  DRIVERS = chunk_memory.DRIVERS
+  DTYPES = ("float64", "float32", "bfloat16")
+
+  @parameterized.product(model=tuple(MODELS), rule_read=tuple(RULE_READS))
+  def test_matches_reference_float64(self, model, rule_read):
+    config = _config(model, rule_read)
+    self._check(config, 64, "float64", _seed(model, rule_read, "f64"))
+
+  def test_jnp_reference_beside_the_kernel_is_exact(self):
+    for model in MODELS:
+      config = _config(model, "titans_cumulative")
+      args = _inputs(config, 64, jnp.float64, 11)
+      got = kernel_memory_reference(*args, config)
+      want = memory_op(*args[:4], args[4], {}, config, implementation="reference")
+      assert_trees_rel_close(self, got, want, 1e-10, f"{model}: jnp reference")
+
+  def test_tnt_op_with_kernel_memories(self):
+    """A TNT memory (global chunk_start + two locals with shard resets) through the kernel."""
+    glob = MemoryConfig(MODELS["mlp"], UpdateRule("titans"), "l2", "chunk_start", 32)
+    locals_ = (LocalMemory(_config("mlp", "titans_cumulative"), shard_length=32),
+               LocalMemory(MemoryConfig(MODELS["linear"], UpdateRule("gd"), "dot",
+                                        "cumulative", 16), shard_length=48))
+    config = TNTConfig(glob, locals_, qk_projection=True)
+    key = jax.random.key(5)
+    q, k, v, g0, state, slow = random_inputs(glob, key, batch=1, length=70, heads=2,
+                                             head_dim=64, dtype=jnp.float64)
+    gates, inits = [g0], []
+    for i, local in enumerate(locals_):
+      _, _, _, g, s, _ = random_inputs(local.memory, jax.random.fold_in(key, i), batch=1,
+                                       length=70, heads=2, head_dim=64, dtype=jnp.float64)
+      gates.append(g)
+      inits.append(jax.tree.map(lambda w: w[0], s.weights))
+    args = (q, k, v, tuple(gates), state, tuple(inits), ({}, {}, {}))
+    run = lambda impl: jax.jit(lambda a: outputs_and_vjp(
+        lambda *x: tnt_op(*x, config, implementation=impl), a))(args)
+    (out, st), grads = run("pallas_interpret")
+    (ref_out, ref_st), ref_grads = run("reference")
+    assert_trees_rel_close(self, out, ref_out, 1e-6, "out")
+    assert_trees_rel_close(self, st, ref_st, 1e-6, "global state")
+    for name, g, r in zip(("q", "k", "v", "gates", "state", "inits"), grads, ref_grads):
+      assert_trees_rel_close(self, g, r, 1e-6, f"d_{name}")
+
+
+class ChunkMemoryKernelTPUInterpretTest(ChunkMemoryKernelTest):
+  """The TPU driver under the TPU interpreter (Mosaic block rules, sequential chunk axis)."""
+
+  INTERPRET = True
+  DRIVERS = ("sequential_grid",)
+  DTYPES = ("float32",)
+
+  def _kernel(self, config, driver):
+    from jax.experimental.pallas import tpu as pltpu
+    return lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
+                                               interpret=pltpu.InterpretParams())
+
+
+class KernelErrorsTest(parameterized.TestCase):
+
+  def test_unsupported_ops_raise_naming_the_reason(self):
+    config = MemoryConfig(MemoryModel("swiglu"), UpdateRule("lact"), "l2", "chunk_start", 16)
+    args = _inputs(config, 64, jnp.float32, 0)
+    with self.assertRaisesRegex(ValueError, "model kind='swiglu'"):
+      kernel_memory(*args, config, interpret=True)
+    ttt = MemoryConfig(MemoryModel("linear", bias=True, residual_norm=True), UpdateRule("gd"))
+    self.assertIn("bias=True", chunk_memory.unsupported_reason(
+        ttt, 64, jnp.float32, driver="chunk_loop", interpret=True))
+
+  def test_compiled_shape_rules(self):
+    reason = lambda config, d, dtype=jnp.float32: chunk_memory.unsupported_reason(
+        config, d, dtype, driver="chunk_loop", interpret=False)
+    self.assertIn("head_dim=60", reason(_config("linear", "gd_cumulative"), 60))
+    self.assertIn("chunk_size=128 > KernelBlocks.max_chunk=64", reason(
+        MemoryConfig(MODELS["linear"], UpdateRule("gd"), chunk_size=128), 64))
+    self.assertIn("dtype=float64", reason(_config("linear", "gd_cumulative"), 64, jnp.float64))
+    big = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("titans"), chunk_size=16)
+    self.assertIn("max_state_bytes", reason(big, 128))
+    self.assertIsNone(reason(_config("mlp", "titans_cumulative"), 64))
+
+  def test_bad_blocks_and_driver(self):
+    with self.assertRaisesRegex(ValueError, "num_warps=3 must be a power of 2"):
+      KernelBlocks(num_warps=3)
+    with self.assertRaisesRegex(ValueError, "max_chunk=0 must be an integer >= 1"):
+      KernelBlocks(max_chunk=0)
+    config = _config("linear", "gd_cumulative")
+    with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
+      kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)
+
+  def test_pallas_on_cpu_falls_back_to_xla_with_a_reason(self):
+    if jax.default_backend() != "cpu":
+      self.skipTest("checks the CPU fallback")
+    config = _config("mlp", "titans_cumulative")
+    self.assertIn("platform='cpu'", api.kernel_fallback_reason(config, 64, jnp.float32, False))
+    args = _inputs(config, 64, jnp.float32, 2)
+    got = memory_op(*args[:5], {}, config, implementation="pallas")
+    want = memory_op(*args[:5], {}, config, implementation="xla")
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    self.assertEqual(rel_err(got[0], want[0]), 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
