@@ -5,6 +5,13 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
     python -m experiments.benchmark --mode=layer --lengths=2048,8192,32768 --chunks=8,16,64,128
     python -m experiments.benchmark --mode=decode --d_model=384   # per-token decode cost
     python -m experiments.benchmark --mode=context   # 150M TNT, T x context devices
+    python -m experiments.benchmark --mode=kernel --lengths=8192,32768 --head_dims=64,128
+
+Kernel mode times the fused Pallas kernel (memory_op implementation="pallas") against the XLA
+path on the same inputs, fwd and fwd+bwd, for each (length, head dim, model, read, chunk); rows
+where the kernel would fall back name the reason instead of a time. It then times a whole TNT
+memory (global --global_chunk chunk-start + one local of chunk --kernel_local_chunk, shards of
+--shard_length) both ways, and cuDNN causal attention with the same heads.
 
 Layer mode times a whole memory layer (projections, conv, gates, memories, output) for TNT
 (global C_G = --global_chunk, one local of chunk C, shards of --shard_length) against Titans
@@ -35,9 +42,13 @@ from tnt_jax.layers import MemoryLayer, TitansLayerConfig, TNTLayerConfig
 from tnt_jax.layers.flops import memory_layer_flops
 from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops import flops
-from tnt_jax.ops.api import memory_op
+from tnt_jax.ops.api import kernel_fallback_reason, memory_op
+from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
 
-flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context"], "what to measure")
+flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
+                  "what to measure")
+flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
+flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_string("context_config", "size=paper150m",
                     "context mode: the model, as configs/tnt_lm.py's argument")
 flags.DEFINE_list("context_lengths", ["32768", "65536", "131072"],
@@ -186,9 +197,10 @@ def run_op_mode(peak):
         yield dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def _op_case(config, unroll, backward):
+def _op_case(config, unroll, backward, implementation="xla"):
   def forward(q, k, v, gates, state, slow):
-    return memory_op(q, k, v, gates, state, slow, config, remat=FLAGS.remat, unroll=unroll)
+    return memory_op(q, k, v, gates, state, slow, config, remat=FLAGS.remat, unroll=unroll,
+                     implementation=implementation)
 
   if not backward:
     return forward
@@ -199,6 +211,108 @@ def _op_case(config, unroll, backward):
         jnp.mean(x) for x in jax.tree.leaves(final))
 
   return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def _loss_grad(forward):
+  def loss(*args):
+    out = forward(*args)
+    out, final = out if isinstance(out, tuple) else (out, None)
+    return jnp.mean(out.astype(jnp.float32) ** 2) + sum(
+        jnp.mean(x) for x in jax.tree.leaves(final))
+  return jax.grad(loss, argnums=tuple(range(7)))
+
+
+def kernel_variants():
+  for length in map(int, FLAGS.lengths):
+    for head_dim in map(int, FLAGS.head_dims):
+      for model_name in FLAGS.models:
+        for read in FLAGS.reads:
+          for chunk in map(int, FLAGS.chunks):
+            if read == "cumulative" and chunk > FLAGS.max_cumulative_chunk:
+              continue
+            if read == "chunk_start" and chunk < FLAGS.min_chunk_start_chunk:
+              continue
+            model = MemoryModel(model_name, expansion=FLAGS.expansion)
+            config = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", read, chunk)
+            yield length, head_dim, model_name, read, chunk, config
+      yield length, head_dim, "tnt", "", FLAGS.kernel_local_chunk, None
+      if FLAGS.attention:
+        yield length, head_dim, "attention", "causal", 0, "attention"
+
+
+def tnt_memory_case(length, head_dim, dtype, backward, implementation):
+  """A whole TNT memory: mlp global (chunk-start) + one mlp local (cumulative), Q-K projection."""
+  b, h = FLAGS.batch, FLAGS.heads
+  model = MemoryModel("mlp", expansion=FLAGS.expansion)
+  glob = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", "chunk_start",
+                      min(FLAGS.global_chunk, length))
+  local = LocalMemory(MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", "cumulative",
+                                   FLAGS.kernel_local_chunk),
+                      shard_length=min(FLAGS.shard_length, length))
+  config = TNTConfig(glob, (local,), qk_projection=True)
+  q, k, v, g0, state, slow = op_inputs(glob, b, length, h, head_dim, dtype)
+  *_, g1, local_state, _ = op_inputs(local.memory, b, length, h, head_dim, dtype)
+  inits = (jax.tree.map(lambda w: w[0], local_state.weights),)
+  args = (q, k, v, (g0, g1), state, inits, (slow, slow))
+
+  def forward(q, k, v, gates, state, inits, slows):
+    return tnt_op(q, k, v, gates, state, inits, slows, config, implementation=implementation,
+                  remat=FLAGS.remat)
+
+  count = (flops.memory_op_flops(glob, b, length, h, head_dim, backward)
+           + flops.memory_op_flops(local.memory, b, length, h, head_dim, backward))
+  return (_loss_grad(forward) if backward else forward), args, count, (glob, local.memory)
+
+
+def run_kernel_mode(peak):
+  b, h = FLAGS.batch, FLAGS.heads
+  dtype = jnp.dtype(FLAGS.dtype)
+  for length, head_dim, model_name, read, chunk, config in kernel_variants():
+    for implementation in (("xla",) if config == "attention" else ("xla", "pallas")):
+      for pass_name in FLAGS.passes:
+        backward = pass_name == "fwd+bwd"
+        row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,
+                   read=read, rule=FLAGS.rule, chunk=chunk, length=length, unroll="auto",
+                   batch=b, heads=h, head_dim=head_dim, dtype=str(dtype), passes=pass_name,
+                   remat=FLAGS.remat, implementation=implementation)
+        try:
+          if config == "attention":
+            args, fn = _attention_case(b, length, h, head_dim, dtype, backward)
+            count = flops.causal_attention_flops(b, length, h, head_dim, backward)
+            row.update(implementation="cudnn" if jax.default_backend() == "gpu" else "xla",
+                       rule="")
+          elif config is None:
+            fn, args, count, memories = tnt_memory_case(length, head_dim, dtype, backward,
+                                                         implementation)
+            if implementation == "pallas":
+              reasons = [kernel_fallback_reason(m, head_dim, dtype, False) for m in memories]
+              row["fallback"] = "; ".join(f"{name}: {r}" for name, r in
+                                          zip(("global", "local"), reasons) if r)
+          else:
+            if implementation == "pallas":
+              reason = kernel_fallback_reason(config, head_dim, dtype, False)
+              if reason:
+                yield dict(row, fallback=reason)
+                continue
+            args = op_inputs(config, b, length, h, head_dim, dtype)
+            fn = _op_case(config, None, backward, implementation)
+            count = flops.memory_op_flops(config, b, length, h, head_dim, backward)
+          yield timed_variant(fn, args, count, peak, row)
+        except Exception as e:  # one failing variant (e.g. out of memory) must not end the run
+          yield dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def format_kernel_row(r) -> str:
+  name = (f"{r['model']:9s} {r['read'] or '-':11s} C={r['chunk']:<5d} d={r['head_dim']:<4d} "
+          f"T={r['length']:<6d} {r['implementation']:7s} {r['passes']:8s}")
+  if "error" in r:
+    return f"{name} FAILED {r['error']}"
+  if "seconds" not in r:
+    return f"{name} falls back to xla: {r['fallback']}"
+  note = f"  [xla for {r['fallback']}]" if r.get("fallback") else ""
+  return (f"{name} {r['tokens_per_s'] / 1e3:10.1f}K tok/s {r['seconds'] * 1e3:9.2f} ms "
+          f"{r['tflops']:7.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  mem {r['memory_gb']:6.2f} GB"
+          f"{note}")
 
 
 def _attention_case(b, length, h, d, dtype, backward):
@@ -620,8 +734,9 @@ def main(argv):
         f"; measured bf16 matmul peak {peak / 1e12:.1f} TFLOP/s")
   sink = open(FLAGS.out, "a") if FLAGS.out else None
   modes = {"layer": run_layer_mode, "op": run_op_mode, "decode": run_decode_mode,
-           "context": run_context_mode}
-  formats = {"decode": format_decode_row, "context": format_context_row}
+           "context": run_context_mode, "kernel": run_kernel_mode}
+  formats = {"decode": format_decode_row, "context": format_context_row,
+             "kernel": format_kernel_row}
   for row in modes[FLAGS.mode](peak):
     print(formats.get(FLAGS.mode, format_row)(row), flush=True)
     if sink:
