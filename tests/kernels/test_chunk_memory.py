@@ -144,6 +144,15 @@ class ChunkMemoryKernelInterpretTest(ChunkMemoryKernelTest):
     config = _config(model, rule_read)
     self._check(config, 64, "float64", _seed(model, rule_read, "f64"))
 
+  def test_version_1_backward_recomputing_in_jnp(self):
+    config = _config("mlp", "titans_cumulative")
+    args = _inputs(config, 64, jnp.float64, 12)
+    run = lambda blocks: jax.jit(lambda a: _outputs_and_vjp(
+        lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, interpret=True,
+                                            blocks=blocks), a, 1))(args)
+    (_, fused_grads), (_, xla_grads) = run(KernelBlocks()), run(KernelBlocks(backward="xla"))
+    assert_trees_rel_close(self, fused_grads, xla_grads, 1e-10, "fused vs xla backward")
+
   def test_jnp_reference_beside_the_kernel_is_exact(self):
     for model in MODELS:
       config = _config(model, "titans_cumulative")
@@ -217,6 +226,8 @@ class KernelErrorsTest(parameterized.TestCase):
   def test_bad_blocks_and_driver(self):
     with self.assertRaisesRegex(ValueError, "num_warps=3 must be a power of 2"):
       KernelBlocks(num_warps=3)
+    with self.assertRaisesRegex(ValueError, "backward='triton' is unknown"):
+      KernelBlocks(backward="triton")
     with self.assertRaisesRegex(ValueError, "max_chunk=0 must be an integer >= 1"):
       KernelBlocks(max_chunk=0)
     config = _config("linear", "gd_cumulative")

@@ -21,10 +21,15 @@ Drivers (one chunk step, `_chunk_step`, shared by all):
   "chunk_loop"       grid (batch*heads,); a fori_loop over chunks inside the program with the state
                      as the loop carry (registers). GPU (Pallas' Triton lowering), and interpret.
 
-Backward (version 1): `jax.custom_vjp` whose backward recomputes with the XLA chunkwise path
-(ops/chunkwise.py, chunk-group checkpointing) and takes its vjp. It is exact, but the fwd+bwd costs
-one kernel forward plus the XLA forward and backward; a fused backward kernel is future work
-(docs/kernel_notes.md).
+Backward (`jax.custom_vjp` on the row layout; layout changes and the gate coefficients around it
+are plain JAX, so their gradients come from autodiff):
+  "fused"  the forward also writes every chunk-start state (float32, [rows, chunks, out, in] per
+           layer) to HBM; a second kernel walks the chunks in reverse carrying the state's
+           cotangent on chip, and per chunk evaluates the vjp of the same `_chunk_step` at the
+           saved state (jax.vjp traced inside the kernel body: one chunk step's math, so the
+           backward can never drift from the forward). Memory: one state per chunk, as XLA's
+           unchecked scan; see docs/kernel_notes.md.
+  "xla"    version 1: recompute with the jnp reference and take its vjp.
 
 Supported: models "linear" and "mlp" (any depth) without bias or residual norm; losses l2 and dot;
 rules gd and titans; both read modes. Anything else (swiglu, TTT's bias/LayerNorm, the lact rule)
@@ -45,10 +50,10 @@ from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.models import ACTIVATIONS
 from tnt_jax.memory.rules import Gates, MemoryState
 from tnt_jax.ops import transitions
-from tnt_jax.ops.chunkwise import chunkwise_memory
 
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
+BACKWARDS = ("fused", "xla")
 # The driver each platform compiles; elsewhere only interpret mode runs the kernel.
 PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
 
@@ -61,6 +66,8 @@ class KernelBlocks:
     for an mlp (measured on an H100, docs/kernel_notes.md).
   max_state_bytes: the largest per-row float32 state (weights + momentum) the kernel accepts;
     larger states spill out of registers / VMEM.
+  backward: "fused" (a reverse kernel over the chunk-start states the forward saved) or "xla"
+    (recompute with the jnp reference and take its vjp; version 1, kept for comparison).
   max_chunk: the largest compiled chunk. A chunk's C x C scores and C x hidden activations live
     in registers; past this XLA's batched matmuls win (docs/kernel_notes.md).
   """
@@ -68,8 +75,12 @@ class KernelBlocks:
   num_stages: int = 1
   max_state_bytes: int = 256 * 1024
   max_chunk: int = 64
+  backward: str = "fused"
 
   def __post_init__(self):
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
+                       f"{BACKWARDS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk"):
       value = getattr(self, name)
       if name == "num_warps" and value is None:
@@ -264,139 +275,238 @@ def _state_rows(tree_layers: dict, names, acc):
 # ----------------------------------------------------------------------------- drivers
 
 
-def _pallas_forward(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
-                    config: MemoryConfig, *, driver: str, interpret, blocks: KernelBlocks):
-  b, t, h, d = q_BxTxHxD.shape
-  chunk = config.chunk_size
-  n = -(-t // chunk)
-  cd = q_BxTxHxD.dtype
-  acc = jnp.promote_types(cd, jnp.float32)
-  names = list(config.model.layer_shapes(d))
-  shapes = [config.model.layer_shapes(d)[nm] for nm in names]
-  q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
-  coefs = chunk_coefficients(gates, config, b, t, h, acc)
-  coef_fields = [f for f in ChunkCoefs._fields if getattr(coefs, f) is not None]
-  coef_arrays = [getattr(coefs, f) for f in coef_fields]
-  w0 = _state_rows(state.weights, names, acc)
-  has_s = state.momentum is not None
-  s0 = _state_rows(state.momentum, names, acc) if has_s else []
-  depth = len(names)
-  step = functools.partial(_chunk_step, config=config, compute_dtype=cd)
+def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
+                     interpret, num_warps, name):
+  """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
-  def unpack_coefs(values):
-    given = dict(zip(coef_fields, values))
-    return ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
-
-  out_shape = [jax.ShapeDtypeStruct((b * h, n, chunk, d), cd)]
-  out_shape += [jax.ShapeDtypeStruct((b * h,) + s, acc) for s in shapes] * (2 if has_s else 1)
-  num_in = 3 + len(coef_arrays) + len(w0) + len(s0)
+  chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
+  carry's start; chunk_out_shapes: ShapeDtypeStructs [R, N, ...] written one chunk at a time.
+  body(carry: list, chunk_values: list) -> (carry, chunk_outputs). Returns (chunk_outputs,
+  final carry) as lists.
+  """
+  rows, n = chunk_inputs[0].shape[:2]
+  num_in, num_carry = len(chunk_inputs), len(carry_init)
+  carry_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in carry_init]
+  out_shape = list(chunk_out_shapes) + carry_shapes
+  num_chunk_out = len(chunk_out_shapes)
 
   if driver == "sequential_grid":
     def kernel(*refs):
-      ins, outs = refs[:num_in], refs[num_in:]
-      q_ref, k_ref, v_ref = ins[:3]
-      coef_refs = ins[3:3 + len(coef_arrays)]
-      init_refs = ins[3 + len(coef_arrays):]
-      out_ref, state_refs = outs[0], outs[1:]
+      chunk_refs, init_refs = refs[:num_in], refs[num_in:num_in + num_carry]
+      out_refs = refs[num_in + num_carry:num_in + num_carry + num_chunk_out]
+      carry_refs = refs[num_in + num_carry + num_chunk_out:]
 
       @pl.when(pl.program_id(1) == 0)
       def _():
-        for init_ref, state_ref in zip(init_refs, state_refs):
-          state_ref[...] = init_ref[...]
+        for init_ref, carry_ref in zip(init_refs, carry_refs):
+          carry_ref[...] = init_ref[...]
 
-      weights = [r[...] for r in state_refs[:depth]]
-      momentum = [r[...] for r in state_refs[depth:]] if has_s else None
-      c = unpack_coefs([r[...] for r in coef_refs])
-      weights, momentum, out = step(weights, momentum, q_ref[...], k_ref[...], v_ref[...], c)
-      out_ref[...] = out.astype(out_ref.dtype)
-      for r, val in zip(state_refs, weights + (momentum or [])):
-        r[...] = val
+      carry, outs = body([r[...] for r in carry_refs], [r[...] for r in chunk_refs])
+      for r, val in zip(out_refs, outs):
+        r[...] = val.astype(r.dtype)
+      for r, val in zip(carry_refs, carry):
+        r[...] = val.astype(r.dtype)
 
-    chunk_spec = lambda x: pl.BlockSpec((None, None) + x.shape[2:],
-                                        lambda i, j: (i, j) + (0,) * (x.ndim - 2))
-    row_spec = lambda s: pl.BlockSpec((None,) + s, lambda i, j: (i, 0, 0))
-    in_specs = [chunk_spec(x) for x in (q, k, v, *coef_arrays)]
-    in_specs += [row_spec(x.shape[1:]) for x in w0 + s0]
-    out_specs = [chunk_spec(q)] + [row_spec(s) for s in shapes] * (2 if has_s else 1)
-    grid = (b * h, n)
+    def chunk_spec(shape):
+      at = (lambda i, j: (i, n - 1 - j)) if reverse else (lambda i, j: (i, j))
+      return pl.BlockSpec((None, None) + tuple(shape[2:]),
+                          lambda i, j: at(i, j) + (0,) * (len(shape) - 2))
+
+    row_spec = lambda shape: pl.BlockSpec((None,) + tuple(shape[1:]),
+                                          lambda i, j: (i,) + (0,) * (len(shape) - 1))
+    in_specs = [chunk_spec(x.shape) for x in chunk_inputs]
+    in_specs += [row_spec(x.shape) for x in carry_init]
+    out_specs = [chunk_spec(o.shape) for o in chunk_out_shapes]
+    out_specs += [row_spec(o.shape) for o in carry_shapes]
+    grid = (rows, n)
     compiler_params = None
     if interpret is not True:   # compiled for TPU, or the TPU interpreter (InterpretParams)
       from jax.experimental.pallas import tpu as pltpu
       compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
   elif driver == "chunk_loop":
     def kernel(*refs):
-      ins, outs = refs[:num_in], refs[num_in:]
-      q_ref, k_ref, v_ref = ins[:3]
-      coef_refs = ins[3:3 + len(coef_arrays)]
-      init_refs = ins[3 + len(coef_arrays):]
-      out_ref, state_refs = outs[0], outs[1:]
-      init = ([r[...] for r in init_refs[:depth]],
-              [r[...] for r in init_refs[depth:]] if has_s else None)
+      chunk_refs, init_refs = refs[:num_in], refs[num_in:num_in + num_carry]
+      out_refs = refs[num_in + num_carry:num_in + num_carry + num_chunk_out]
+      carry_refs = refs[num_in + num_carry + num_chunk_out:]
 
-      def body(j, carry):
-        weights, momentum = carry
-        c = unpack_coefs([r[j] for r in coef_refs])
-        weights, momentum, out = step(weights, momentum, q_ref[j], k_ref[j], v_ref[j], c)
-        out_ref[j] = out.astype(out_ref.dtype)
-        return weights, momentum
+      def step(i, carry):
+        j = n - 1 - i if reverse else i
+        carry, outs = body(carry, [r[j] for r in chunk_refs])
+        for r, val in zip(out_refs, outs):
+          r[j] = val.astype(r.dtype)
+        return carry
 
-      weights, momentum = jax.lax.fori_loop(0, n, body, init)
-      for r, val in zip(state_refs, weights + (momentum or [])):
-        r[...] = val
+      carry = jax.lax.fori_loop(0, n, step, [r[...] for r in init_refs])
+      for r, val in zip(carry_refs, carry):
+        r[...] = val.astype(r.dtype)
 
-    whole_row = lambda x: pl.BlockSpec((None,) + x.shape[1:],
-                                       lambda i: (i,) + (0,) * (x.ndim - 1))
-    in_specs = [whole_row(x) for x in (q, k, v, *coef_arrays, *w0, *s0)]
-    out_specs = [whole_row(o) for o in out_shape]
-    grid = (b * h,)
+    whole_row = lambda shape: pl.BlockSpec((None,) + tuple(shape[1:]),
+                                           lambda i: (i,) + (0,) * (len(shape) - 1))
+    in_specs = [whole_row(x.shape) for x in list(chunk_inputs) + list(carry_init)]
+    out_specs = [whole_row(o.shape) for o in out_shape]
+    grid = (rows,)
     compiler_params = None
     if not interpret:
       from jax.experimental.pallas import triton as pltriton
-      num_warps = blocks.num_warps or (4 if config.model.kind == "linear" else 8)
-      compiler_params = pltriton.CompilerParams(num_warps=num_warps,
-                                                num_stages=blocks.num_stages)
+      compiler_params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
   else:
     raise ValueError(f"driver={driver!r} is unknown; expected one of {DRIVERS}")
 
-  results = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      compiler_params=compiler_params, interpret=interpret,
-      name=f"chunk_memory_{config.model.kind}_{config.rule.kind}_{config.read}",
-  )(q, k, v, *coef_arrays, *w0, *s0)
-  out_rows, state_rows = results[0], results[1:]
-  out = out_rows.reshape(b, h, n * chunk, d)[:, :, :t]
-  out = jnp.moveaxis(out, 1, 2)
-  unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
-                         for nm, r in zip(names, rows)}
-  final = MemoryState(unflat(state_rows[:depth]),
-                      unflat(state_rows[depth:]) if has_s else None)
+  results = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                           out_specs=out_specs, compiler_params=compiler_params,
+                           interpret=interpret, name=name)(*chunk_inputs, *carry_init)
+  return list(results[:num_chunk_out]), list(results[num_chunk_out:])
+
+
+class _Static(NamedTuple):
+  """The hashable, non-differentiable arguments of the row-level kernel op."""
+  config: MemoryConfig
+  coef_fields: tuple
+  depth: int
+  has_momentum: bool
+  driver: str
+  interpret: object
+  blocks: KernelBlocks
+
+
+def _unpack_coefs(static: _Static, values) -> ChunkCoefs:
+  given = dict(zip(static.coef_fields, values))
+  return ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
+
+
+def _num_warps(static: _Static) -> int:
+  return static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
+
+
+def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_states: bool):
+  """Kernel forward on the row layout: (out [R, N, C, d], final state[, chunk-start states])."""
+  cd = q.dtype
+  step = functools.partial(_chunk_step, config=static.config, compute_dtype=cd)
+  depth, n = static.depth, q.shape[1]
+
+  def body(carry, chunk):
+    weights, momentum = carry[:depth], (carry[depth:] if static.has_momentum else None)
+    qc, kc, vc, *coef_values = chunk
+    new_w, new_s, out = step(weights, momentum, qc, kc, vc, _unpack_coefs(static, coef_values))
+    saved = list(carry) if save_states else []
+    return new_w + (new_s or []), [out] + saved
+
+  out_shapes = [jax.ShapeDtypeStruct(q.shape, cd)]
+  if save_states:
+    out_shapes += [jax.ShapeDtypeStruct((x.shape[0], n) + x.shape[1:], x.dtype) for x in state]
+  outs, final = _sequential_call(
+      body, [q, k, v, *coefs], list(state), out_shapes, reverse=False, driver=static.driver,
+      interpret=static.interpret, num_warps=_num_warps(static),
+      name=f"chunk_memory_fwd_{static.config.model.kind}_{static.config.rule.kind}")
+  return outs[0], final, outs[1:]
+
+
+def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
+  """Fused backward: walk the chunks in reverse, the vjp of one chunk step at its saved
+  chunk-start state, carrying the state's cotangent on chip."""
+  cd = q.dtype
+  step = functools.partial(_chunk_step, config=static.config, compute_dtype=cd)
+  depth = static.depth
+  num_coefs = len(coefs)
+
+  def body(d_carry, chunk):
+    qc, kc, vc = chunk[:3]
+    coef_values = chunk[3:3 + num_coefs]
+    d_out_c = chunk[3 + num_coefs]
+    state_c = chunk[4 + num_coefs:]
+
+    def f(state, qc, kc, vc, coef_values):
+      momentum = state[depth:] if static.has_momentum else None
+      new_w, new_s, out = step(state[:depth], momentum, qc, kc, vc,
+                               _unpack_coefs(static, coef_values))
+      return new_w + (new_s or []), out
+
+    _, vjp = jax.vjp(f, list(state_c), qc, kc, vc, list(coef_values))
+    acc = jnp.promote_types(cd, jnp.float32)
+    d_state, dq, dk, dv, d_coefs = vjp((list(d_carry), d_out_c.astype(acc)))
+    return d_state, [dq, dk, dv] + list(d_coefs)
+
+  out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
+  outs, d_init = _sequential_call(
+      body, [q, k, v, *coefs, d_out, *saved_states], list(d_final), out_shapes, reverse=True,
+      driver=static.driver, interpret=static.interpret, num_warps=_num_warps(static),
+      name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
+  return outs[0], outs[1], outs[2], outs[3:], d_init
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_rows(static: _Static, q, k, v, coefs, state):
+  out, final, _ = _rows_forward(static, q, k, v, coefs, state, save_states=False)
   return out, final
 
 
+def _kernel_rows_fwd(static, q, k, v, coefs, state):
+  fused = static.blocks.backward == "fused"
+  out, final, saved = _rows_forward(static, q, k, v, coefs, state, save_states=fused)
+  return (out, final), (q, k, v, coefs, state, saved)
+
+
+def _kernel_rows_bwd(static, residuals, cotangents):
+  q, k, v, coefs, state, saved = residuals
+  d_out, d_final = cotangents
+  if static.blocks.backward == "fused":
+    dq, dk, dv, d_coefs, d_state = _rows_backward(static, q, k, v, coefs, saved, d_out, d_final)
+    return dq, dk, dv, list(d_coefs), list(d_state)
+  # "xla": recompute with the kernel's jnp reference (a scan of the same chunk step) and take
+  # its vjp; exact, but one more forward and XLA's many small kernels.
+  _, vjp = jax.vjp(functools.partial(_reference_rows, static), q, k, v, coefs, state)
+  return vjp((d_out, d_final))
+
+
+_kernel_rows.defvjp(_kernel_rows_fwd, _kernel_rows_bwd)
+
+
+def _reference_rows(static: _Static, q, k, v, coefs, state):
+  """`_chunk_step` scanned over chunks and vmapped over rows: the kernel's math in plain jnp."""
+  step = functools.partial(_chunk_step, config=static.config, compute_dtype=q.dtype)
+  depth = static.depth
+
+  def row(q, k, v, coefs, state):
+    def body(carry, xs):
+      momentum = carry[depth:] if static.has_momentum else None
+      qc, kc, vc, coef_values = xs
+      new_w, new_s, out = step(carry[:depth], momentum, qc, kc, vc,
+                               _unpack_coefs(static, coef_values))
+      return new_w + (new_s or []), out.astype(q.dtype)
+    final, out = jax.lax.scan(body, list(state), (q, k, v, list(coefs)))
+    return out, final
+
+  return jax.vmap(row)(q, k, v, list(coefs), list(state))
+
+
+def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
+              config: MemoryConfig, **static_kw):
+  """Lay the op out as rows, run `row_fn(static, q, k, v, coefs, state)`, and lay it back."""
+  b, t, h, d = q_BxTxHxD.shape
+  chunk = config.chunk_size
+  n = -(-t // chunk)
+  cd = q_BxTxHxD.dtype
+  acc = jnp.promote_types(cd, jnp.float32)
+  names = list(config.model.layer_shapes(d))
+  q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
+  coefs = chunk_coefficients(gates, config, b, t, h, acc)
+  coef_fields = tuple(f for f in ChunkCoefs._fields if getattr(coefs, f) is not None)
+  has_s = state.momentum is not None
+  rows_state = _state_rows(state.weights, names, acc)
+  if has_s:
+    rows_state += _state_rows(state.momentum, names, acc)
+  static = _Static(config, coef_fields, len(names), has_s, **static_kw)
+  out_rows, final_rows = row_fn(static, q, k, v, [getattr(coefs, f) for f in coef_fields],
+                                rows_state)
+  out = jnp.moveaxis(out_rows.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
+  unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
+                         for nm, r in zip(names, rows)}
+  depth = len(names)
+  return out, MemoryState(unflat(final_rows[:depth]),
+                          unflat(final_rows[depth:]) if has_s else None)
+
+
 # ----------------------------------------------------------------------------- public op
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _kernel_memory(q, k, v, gates, state, config, driver, interpret, blocks):
-  return _pallas_forward(q, k, v, gates, state, config, driver=driver, interpret=interpret,
-                         blocks=blocks)
-
-
-def _kernel_memory_fwd(q, k, v, gates, state, config, driver, interpret, blocks):
-  out = _pallas_forward(q, k, v, gates, state, config, driver=driver, interpret=interpret,
-                        blocks=blocks)
-  return out, (q, k, v, gates, state)
-
-
-def _kernel_memory_bwd(config, driver, interpret, blocks, residuals, cotangents):
-  # Version 1: recompute with the XLA path and take its vjp (exact; see the module docstring).
-  def xla(q, k, v, gates, state):
-    return chunkwise_memory(q, k, v, gates, state, {}, config, remat=False)
-  _, vjp = jax.vjp(xla, *residuals)
-  return vjp(cotangents)
-
-
-_kernel_memory.defvjp(_kernel_memory_fwd, _kernel_memory_bwd)
 
 
 def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
@@ -420,34 +530,12 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                               interpret=bool(interpret), blocks=blocks)
   if reason is not None:
     raise ValueError(f"the fused kernel does not support this op: {reason}")
-  return _kernel_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config, driver,
-                        interpret, blocks)
+  return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
+                   driver=driver, interpret=interpret, blocks=blocks)
 
 
 def kernel_memory_reference(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,
                             gates: Gates, state: MemoryState, config: MemoryConfig):
-  """The kernel's math in plain jnp: `_chunk_step` scanned over chunks and vmapped over rows."""
-  b, t, h, d = q_BxTxHxD.shape
-  chunk = config.chunk_size
-  n = -(-t // chunk)
-  cd = q_BxTxHxD.dtype
-  acc = jnp.promote_types(cd, jnp.float32)
-  names = list(config.model.layer_shapes(d))
-  q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
-  coefs = chunk_coefficients(gates, config, b, t, h, acc)
-  w0 = _state_rows(state.weights, names, acc)
-  s0 = None if state.momentum is None else _state_rows(state.momentum, names, acc)
-  step = functools.partial(_chunk_step, config=config, compute_dtype=cd)
-
-  def row(q, k, v, coefs, w0, s0):
-    def body(carry, xs):
-      weights, momentum, out = step(*carry, *xs)
-      return (weights, momentum), out
-    (w, s), out = jax.lax.scan(body, (w0, s0), (q, k, v, coefs))
-    return w, s, out
-
-  w, s, out = jax.vmap(row)(q, k, v, coefs, w0, s0)
-  out = jnp.moveaxis(out.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
-  unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
-                         for nm, r in zip(names, rows)}
-  return out, MemoryState(unflat(w), None if s is None else unflat(s))
+  """The kernel's math in plain jnp (`_chunk_step` scanned over chunks, vmapped over rows)."""
+  return _run_rows(_reference_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
+                   driver="reference", interpret=True, blocks=KernelBlocks())
