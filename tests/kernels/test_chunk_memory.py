@@ -87,8 +87,9 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     ref_args = jax.tree.map(lambda x: x.astype(jnp.promote_types(ref_dtype, x.dtype)), args)
     reference = lambda q, k, v, g, s: memory_op(q, k, v, g, s, {}, config,
                                                 implementation="reference")
-    (ref_out, ref_state), ref_grads = jax.jit(
-        lambda a: _outputs_and_vjp(reference, a, seed))(ref_args)
+    with jax.default_matmul_precision("highest"):    # a true-float32 reference on GPU too
+      (ref_out, ref_state), ref_grads = jax.jit(
+          lambda a: _outputs_and_vjp(reference, a, seed))(ref_args)
     tol = TOLERANCE[dtype]
     for driver in self.DRIVERS:
       (out, state), grads = jax.jit(
@@ -216,8 +217,8 @@ class KernelErrorsTest(parameterized.TestCase):
     reason = lambda config, d, dtype=jnp.float32: chunk_memory.unsupported_reason(
         config, d, dtype, driver="chunk_loop", interpret=False)
     self.assertIn("head_dim=60", reason(_config("linear", "gd_cumulative"), 60))
-    self.assertIn("chunk_size=128 > KernelBlocks.max_chunk=64", reason(
-        MemoryConfig(MODELS["linear"], UpdateRule("gd"), chunk_size=128), 64))
+    self.assertIn("chunk_size=128 x widest layer 64 > KernelBlocks.max_chunk_activations=4096",
+                  reason(MemoryConfig(MODELS["linear"], UpdateRule("gd"), chunk_size=128), 64))
     self.assertIn("dtype=float64", reason(_config("linear", "gd_cumulative"), 64, jnp.float64))
     big = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("titans"), chunk_size=16)
     self.assertIn("max_state_bytes", reason(big, 128))
@@ -228,8 +229,8 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks(num_warps=3)
     with self.assertRaisesRegex(ValueError, "backward='triton' is unknown"):
       KernelBlocks(backward="triton")
-    with self.assertRaisesRegex(ValueError, "max_chunk=0 must be an integer >= 1"):
-      KernelBlocks(max_chunk=0)
+    with self.assertRaisesRegex(ValueError, "max_chunk_activations=0 must be an integer >= 1"):
+      KernelBlocks(max_chunk_activations=0)
     config = _config("linear", "gd_cumulative")
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)

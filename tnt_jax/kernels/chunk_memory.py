@@ -68,20 +68,22 @@ class KernelBlocks:
     larger states spill out of registers / VMEM.
   backward: "fused" (a reverse kernel over the chunk-start states the forward saved) or "xla"
     (recompute with the jnp reference and take its vjp; version 1, kept for comparison).
-  max_chunk: the largest compiled chunk. A chunk's C x C scores and C x hidden activations live
-    in registers; past this XLA's batched matmuls win (docs/kernel_notes.md).
+  max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
+    chunk's activations and scores live in registers; past this XLA's batched matmuls win
+    (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
+    at C = 64; docs/kernel_notes.md).
   """
   num_warps: int | None = None
   num_stages: int = 1
   max_state_bytes: int = 256 * 1024
-  max_chunk: int = 64
+  max_chunk_activations: int = 4096
   backward: str = "fused"
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
-    for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk"):
+    for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations"):
       value = getattr(self, name)
       if name == "num_warps" and value is None:
         continue
@@ -112,9 +114,11 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     return (f"the per-row state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
             f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
   if not interpret:
-    if config.chunk_size > blocks.max_chunk:
-      return (f"chunk_size={config.chunk_size} > KernelBlocks.max_chunk={blocks.max_chunk} "
-              "(large chunks are XLA's batched matmuls)")
+    width = max(max(shape) for shape in model.layer_shapes(head_dim).values())
+    if config.chunk_size * width > blocks.max_chunk_activations:
+      return (f"chunk_size={config.chunk_size} x widest layer {width} > KernelBlocks."
+              f"max_chunk_activations={blocks.max_chunk_activations} (large chunks are XLA's "
+              "batched matmuls)")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
     if driver == "chunk_loop":
@@ -144,12 +148,44 @@ class ChunkCoefs(NamedTuple):
   end_sx: Array | None
 
 
-def _mm(x, y, compute_dtype, *, transpose_y=False):
-  """x @ y (or x @ y^T) with operands in the compute dtype, accumulated in float32+."""
+def _dot(x, y, compute_dtype, dims):
+  """dot_general with both operands in the compute dtype, accumulated in float32 (or wider).
+  float32 compute is true float32 (HIGHEST: no TF32 rounding on GPU)."""
   acc = jnp.promote_types(compute_dtype, jnp.float32)
-  dims = (((1,), (1,)), ((), ())) if transpose_y else (((1,), (0,)), ((), ()))
-  return jax.lax.dot_general(x.astype(compute_dtype), y.astype(compute_dtype), dims,
-                             preferred_element_type=acc)
+  precision = (jax.lax.Precision.HIGHEST if jnp.dtype(compute_dtype) == jnp.dtype(acc)
+               else jax.lax.Precision.DEFAULT)
+  return jax.lax.dot_general(x.astype(compute_dtype), y.astype(compute_dtype), (dims, ((), ())),
+                             precision=precision, preferred_element_type=acc)
+
+
+_NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mm(x, y, compute_dtype, transpose_y=False):
+  """x @ y (or x @ y^T) in the compute dtype, accumulated in float32+.
+
+  Its own vjp rounds the cotangent to the compute dtype before the two backward matmuls, as the
+  forward rounds its operands: every matmul has operands of one dtype (the GPU lowering needs
+  that; autodiff's transpose would pair a float32 cotangent with a bf16 operand).
+  """
+  return _dot(x, y, compute_dtype, _NT if transpose_y else _NN)
+
+
+def _mm_fwd(x, y, compute_dtype, transpose_y):
+  return _mm(x, y, compute_dtype, transpose_y), (x, y)
+
+
+def _mm_bwd(compute_dtype, transpose_y, residuals, ct):
+  x, y = residuals
+  ct = ct.astype(compute_dtype)
+  dx = _dot(ct, y, compute_dtype, _NN if transpose_y else _NT)      # ct @ y  |  ct @ y^T
+  dy = (_dot(ct, x, compute_dtype, _TN) if transpose_y               # ct^T @ x
+        else _dot(x, ct, compute_dtype, _TN))                        # x^T @ ct
+  return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+_mm.defvjp(_mm_fwd, _mm_bwd)
 
 
 def _act_and_grad(name: str, z):
@@ -178,7 +214,7 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
   acc = jnp.promote_types(compute_dtype, jnp.float32)
   depth = len(weights)
   act = config.model.activation
-  mm = functools.partial(_mm, compute_dtype=compute_dtype)
+  mm = lambda x, y, transpose_y=False: _mm(x, y, compute_dtype, transpose_y)
 
   # Keys: forward at W0, keeping each layer's input and pre-activation.
   inputs, pre = [], []
