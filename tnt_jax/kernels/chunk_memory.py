@@ -45,6 +45,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.extend import core as jex_core
+from jax.extend.core import primitives as jex_primitives
 
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.models import ACTIVATIONS
@@ -158,34 +160,44 @@ def _dot(x, y, compute_dtype, dims):
                              precision=precision, preferred_element_type=acc)
 
 
-_NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
+_NN, _NT = ((1,), (0,)), ((1,), (1,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _mm(x, y, compute_dtype, transpose_y=False):
-  """x @ y (or x @ y^T) in the compute dtype, accumulated in float32+.
-
-  Its own vjp rounds the cotangent to the compute dtype before the two backward matmuls, as the
-  forward rounds its operands: every matmul has operands of one dtype (the GPU lowering needs
-  that; autodiff's transpose would pair a float32 cotangent with a bf16 operand).
-  """
+  """x @ y (or x @ y^T) in the compute dtype, accumulated in float32+."""
   return _dot(x, y, compute_dtype, _NT if transpose_y else _NN)
 
 
-def _mm_fwd(x, y, compute_dtype, transpose_y):
-  return _mm(x, y, compute_dtype, transpose_y), (x, y)
+def _one_dtype_per_matmul(fn):
+  """fn, evaluated with every matmul's operands cast to the narrower of their two dtypes.
+
+  Autodiff transposes a bf16 x bf16 -> float32 matmul into float32-cotangent x bf16 matmuls;
+  the GPU (Triton) lowering needs one operand dtype. Rounding the cotangent to the compute dtype
+  is what the forward does to its own operands. A no-op when the compute dtype is float32+.
+  """
+  def wrapped(*args):
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+  return wrapped
 
 
-def _mm_bwd(compute_dtype, transpose_y, residuals, ct):
-  x, y = residuals
-  ct = ct.astype(compute_dtype)
-  dx = _dot(ct, y, compute_dtype, _NN if transpose_y else _NT)      # ct @ y  |  ct @ y^T
-  dy = (_dot(ct, x, compute_dtype, _TN) if transpose_y               # ct^T @ x
-        else _dot(x, ct, compute_dtype, _TN))                        # x^T @ ct
-  return dx.astype(x.dtype), dy.astype(y.dtype)
-
-
-_mm.defvjp(_mm_fwd, _mm_bwd)
+def _eval_jaxpr(jaxpr, consts, args):
+  env = {}
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+  for var, val in list(zip(jaxpr.constvars, consts)) + list(zip(jaxpr.invars, args)):
+    env[var] = val
+  for eqn in jaxpr.eqns:
+    values = [read(v) for v in eqn.invars]
+    if eqn.primitive is jex_primitives.dot_general_p and values[0].dtype != values[1].dtype:
+      narrow = min((x.dtype for x in values), key=lambda dt: jnp.dtype(dt).itemsize)
+      values = [x.astype(narrow) for x in values]
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = params if isinstance(params, tuple) else ((), params)  # older jax: a pair
+    outs = eqn.primitive.bind(*subfuns, *values, **params)
+    for var, val in zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]):
+      env[var] = val
+  return [read(v) for v in jaxpr.outvars]
 
 
 def _act_and_grad(name: str, z):
@@ -457,9 +469,13 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
                                _unpack_coefs(static, coef_values))
       return new_w + (new_s or []), out
 
-    _, vjp = jax.vjp(f, list(state_c), qc, kc, vc, list(coef_values))
+    def chunk_vjp(state, qc, kc, vc, coef_values, d_state, d_out):
+      _, vjp = jax.vjp(f, state, qc, kc, vc, coef_values)
+      return vjp((d_state, d_out))
+
     acc = jnp.promote_types(cd, jnp.float32)
-    d_state, dq, dk, dv, d_coefs = vjp((list(d_carry), d_out_c.astype(acc)))
+    d_state, dq, dk, dv, d_coefs = _one_dtype_per_matmul(chunk_vjp)(
+        list(state_c), qc, kc, vc, list(coef_values), list(d_carry), d_out_c.astype(acc))
     return d_state, [dq, dk, dv] + list(d_coefs)
 
   out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
