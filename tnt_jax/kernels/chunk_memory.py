@@ -116,6 +116,12 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     return (f"the per-row state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
             f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
   if not interpret:
+    # float32 operands take twice a bf16 operand's on-chip staging; measured on an H100, a
+    # 128 KiB titans state in float32 asks for 241 KiB of shared memory (> 227 KiB).
+    f32_limit = blocks.max_state_bytes // 4
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float32) and state_bytes > f32_limit:
+      return (f"the per-row state is {state_bytes} bytes > {f32_limit} "
+              "(KernelBlocks.max_state_bytes / 4 for float32 compute)")
     width = max(max(shape) for shape in model.layer_shapes(head_dim).values())
     if config.chunk_size * width > blocks.max_chunk_activations:
       return (f"chunk_size={config.chunk_size} x widest layer {width} > KernelBlocks."
