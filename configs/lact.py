@@ -33,7 +33,8 @@ def get_config(arg: str = ""):
   base = ",".join(f"{k}={args[k]}" for k in ("size", "data") if k in args)
   c = tnt_lm.get_config(",".join(filter(None, [base, f"mixer={kind}"])))
   chunk = int(args.get("chunk", tnt_lm.SIZES[size]["global_chunk"]))
-  options = dict(chunk_size=chunk, chunk_lr_budget=0.25, global_handoff="chain")
+  options = dict(chunk_size=chunk, chunk_lr_budget=0.25, global_handoff="chain",
+                 implementation="xla")   # pallas: the fused kernel (falls back for lact)
   if kind == "lact_hybrid":
     options["shared_window"] = int(args.get("window", chunk))
   elif "window" in args:

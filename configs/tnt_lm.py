@@ -73,6 +73,8 @@ def _mixer_options(kinds, size, chunk, local_chunks):
     options[kind]["chunk_lr_budget"] = 0.25
     # with mesh.context > 1: how the global memory's state crosses devices (gather | chain)
     options[kind]["global_handoff"] = "chain"
+    # xla | pallas (the fused kernel where it supports the memory; docs/kernel.md)
+    options[kind]["implementation"] = "xla"
   return options
 
 
