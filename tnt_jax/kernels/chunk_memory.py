@@ -49,7 +49,6 @@ from jax.extend import core as jex_core
 from jax.extend.core import primitives as jex_primitives
 
 from tnt_jax.memory.config import MemoryConfig
-from tnt_jax.memory.models import ACTIVATIONS
 from tnt_jax.memory.rules import Gates, MemoryState
 from tnt_jax.ops import transitions
 
@@ -291,8 +290,7 @@ def _rows(x_BxTxHx_, num_chunks, chunk):
   return x.reshape((b * h, num_chunks, chunk) + x.shape[3:])
 
 
-def chunk_coefficients(gates: Gates, config: MemoryConfig, batch: int, length: int,
-                       heads: int, acc) -> ChunkCoefs:
+def chunk_coefficients(gates: Gates, config: MemoryConfig, length: int, acc) -> ChunkCoefs:
   """The gate coefficients of every (row, chunk), laid out [B*H, N, ...] for the kernel."""
   chunk = config.chunk_size
   n = -(-length // chunk)
@@ -330,7 +328,7 @@ def _state_rows(tree_layers: dict, names, acc):
 
 
 def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
-                     interpret, num_warps, name):
+                     interpret, gpu_params, name):
   """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
   chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
@@ -402,7 +400,7 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
     compiler_params = None
     if not interpret:
       from jax.experimental.pallas import triton as pltriton
-      compiler_params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+      compiler_params = pltriton.CompilerParams(**gpu_params)
   else:
     raise ValueError(f"driver={driver!r} is unknown; expected one of {DRIVERS}")
 
@@ -428,8 +426,9 @@ def _unpack_coefs(static: _Static, values) -> ChunkCoefs:
   return ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
 
 
-def _num_warps(static: _Static) -> int:
-  return static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
+def _gpu_params(static: _Static) -> dict:
+  num_warps = static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
+  return dict(num_warps=num_warps, num_stages=static.blocks.num_stages)
 
 
 def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_states: bool):
@@ -450,7 +449,7 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_states: bool):
     out_shapes += [jax.ShapeDtypeStruct((x.shape[0], n) + x.shape[1:], x.dtype) for x in state]
   outs, final = _sequential_call(
       body, [q, k, v, *coefs], list(state), out_shapes, reverse=False, driver=static.driver,
-      interpret=static.interpret, num_warps=_num_warps(static),
+      interpret=static.interpret, gpu_params=_gpu_params(static),
       name=f"chunk_memory_fwd_{static.config.model.kind}_{static.config.rule.kind}")
   return outs[0], final, outs[1:]
 
@@ -487,7 +486,7 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
   outs, d_init = _sequential_call(
       body, [q, k, v, *coefs, d_out, *saved_states], list(d_final), out_shapes, reverse=True,
-      driver=static.driver, interpret=static.interpret, num_warps=_num_warps(static),
+      driver=static.driver, interpret=static.interpret, gpu_params=_gpu_params(static),
       name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
   return outs[0], outs[1], outs[2], outs[3:], d_init
 
@@ -547,7 +546,7 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   acc = jnp.promote_types(cd, jnp.float32)
   names = list(config.model.layer_shapes(d))
   q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
-  coefs = chunk_coefficients(gates, config, b, t, h, acc)
+  coefs = chunk_coefficients(gates, config, t, acc)
   coef_fields = tuple(f for f in ChunkCoefs._fields if getattr(coefs, f) is not None)
   has_s = state.momentum is not None
   rows_state = _state_rows(state.weights, names, acc)
