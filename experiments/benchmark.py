@@ -155,21 +155,27 @@ def time_compiled(compiled, args, flop_count, peak, row):
   return row
 
 
+def memory_configs():
+  """(model name, read, chunk, MemoryConfig) for every --models x --reads x --chunks kept."""
+  for model_name in FLAGS.models:
+    for read in FLAGS.reads:
+      for chunk in map(int, FLAGS.chunks):
+        if read == "cumulative" and chunk > FLAGS.max_cumulative_chunk:
+          continue
+        if read == "chunk_start" and chunk < FLAGS.min_chunk_start_chunk:
+          continue
+        model = MemoryModel(model_name, expansion=FLAGS.expansion)
+        yield model_name, read, chunk, MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", read,
+                                                    chunk)
+
+
 def op_variants():
   dtype = jnp.dtype(FLAGS.dtype)
   for length in map(int, FLAGS.lengths):
-    for model_name in FLAGS.models:
-      for read in FLAGS.reads:
-        for chunk in map(int, FLAGS.chunks):
-          if read == "cumulative" and chunk > FLAGS.max_cumulative_chunk:
-            continue
-          if read == "chunk_start" and chunk < FLAGS.min_chunk_start_chunk:
-            continue
-          for unroll in FLAGS.unrolls:
-            unroll = None if unroll == "auto" else int(unroll)
-            model = MemoryModel(model_name, expansion=FLAGS.expansion)
-            config = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", read, chunk)
-            yield length, model_name, read, chunk, unroll, config, dtype
+    for model_name, read, chunk, config in memory_configs():
+      for unroll in FLAGS.unrolls:
+        unroll = None if unroll == "auto" else int(unroll)
+        yield length, model_name, read, chunk, unroll, config, dtype
     if FLAGS.attention:
       yield length, "attention", "causal", 0, None, None, dtype
 
@@ -225,16 +231,8 @@ def _loss_grad(forward):
 def kernel_variants():
   for length in map(int, FLAGS.lengths):
     for head_dim in map(int, FLAGS.head_dims):
-      for model_name in FLAGS.models:
-        for read in FLAGS.reads:
-          for chunk in map(int, FLAGS.chunks):
-            if read == "cumulative" and chunk > FLAGS.max_cumulative_chunk:
-              continue
-            if read == "chunk_start" and chunk < FLAGS.min_chunk_start_chunk:
-              continue
-            model = MemoryModel(model_name, expansion=FLAGS.expansion)
-            config = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", read, chunk)
-            yield length, head_dim, model_name, read, chunk, config
+      for model_name, read, chunk, config in memory_configs():
+        yield length, head_dim, model_name, read, chunk, config
       yield length, head_dim, "tnt", "", FLAGS.kernel_local_chunk, None
       if FLAGS.attention:
         yield length, head_dim, "attention", "causal", 0, "attention"
