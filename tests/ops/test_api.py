@@ -233,7 +233,7 @@ class InputValidationTest(parameterized.TestCase):
 
   # --- keyword arguments -------------------------------------------------------------------------
 
-  @parameterized.parameters("pallas", "XLA", "")
+  @parameterized.parameters("triton", "XLA", "")
   def test_unknown_implementation(self, implementation):
     q, k, v, gates, state, slow = _inputs(GD)
     self.assert_rejected(re.escape(f"implementation={implementation!r}"), GD, q, k, v, gates,
