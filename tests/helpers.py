@@ -67,6 +67,24 @@ def outputs_and_vjp(fn, args, seed=9):
   return outputs, vjp(cot)
 
 
+def extend_in_pieces(decoder, ids, cache, bounds):
+  """decoder.extend over ids[:, a:b] for consecutive (a, b) in bounds, from `cache`.
+
+  Returns (the logits of every piece concatenated along time, the final cache).
+  """
+  logits = []
+  for start, stop in zip(bounds[:-1], bounds[1:]):
+    piece, cache = decoder.extend(ids[:, start:stop], cache)
+    logits.append(piece)
+  return jnp.concatenate(logits, axis=1), cache
+
+
+def prefill_step_extend_step(prefill: int, aligned: tuple, length: int) -> list:
+  """Piece bounds: a prefill of `prefill` tokens, single steps up to aligned[0], one extend over
+  aligned = (start, stop), then single steps to `length`."""
+  return ([0] + list(range(prefill, aligned[0] + 1)) + list(range(aligned[1], length + 1)))
+
+
 def take(iterator, n):
   return [next(iterator) for _ in range(n)]
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tests.helpers import assert_trees_rel_close
+from tests.helpers import assert_trees_rel_close, extend_in_pieces, prefill_step_extend_step
 from tnt_jax.models import LMConfig, LanguageModel
 from tnt_jax.models.decoding import Decoder
 from tnt_jax.models.sampling import sample
@@ -55,22 +55,12 @@ class DecodingTest(parameterized.TestCase):
     want = model(tokens)
     decoder = Decoder(model, max_length=LENGTH)
     self.assertEqual(8 % decoder.alignment, 0)   # so that position 8 is aligned
-    cache = decoder.init_cache(2)
-    got = []
     # An unaligned prefill from 0, steps across chunk ends to position 8, an aligned 8-token
     # extend (local shards reset at 8 and 16), then steps to the end.
-    logits, cache = decoder.extend(tokens[:, :5], cache)
-    got.append(logits)
-    for t in range(5, 8):
-      logits, cache = decoder.extend(tokens[:, t:t + 1], cache)
-      got.append(logits)
-    logits, cache = decoder.extend(tokens[:, 8:16], cache)
-    got.append(logits)
-    for t in range(16, LENGTH):
-      logits, cache = decoder.extend(tokens[:, t:t + 1], cache)
-      got.append(logits)
+    got, cache = extend_in_pieces(decoder, tokens, decoder.init_cache(2),
+                                  prefill_step_extend_step(5, (8, 16), LENGTH))
     self.assertEqual(int(cache["position"]), LENGTH)
-    assert_trees_rel_close(self, jnp.concatenate(got, axis=1), want, 1e-6, name)
+    assert_trees_rel_close(self, got, want, 1e-6, name)
 
   def test_greedy_generation_is_argmax_of_the_parallel_logits(self):
     model = make_model(("swa", "tnt"), seed=3)

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from configs import ttt_e2e as ttt_e2e_configs
-from tests.helpers import assert_trees_rel_close, rel_err
+from tests.helpers import (assert_trees_rel_close, extend_in_pieces, prefill_step_extend_step,
+                           rel_err)
 from tnt_jax.models import LanguageModel, LMConfig
 from tnt_jax.models import ttt_e2e
 from tnt_jax.models.decoding import Decoder
@@ -208,20 +209,10 @@ class TTTE2ETest(parameterized.TestCase):
     want = jax.jit(model)(ids)
     decoder = Decoder(model, max_length=length)
     self.assertEqual(decoder.alignment, M)
-    cache = decoder.init_cache(2)
-    got = []
-    logits, cache = decoder.extend(ids[:, :6], cache)
-    got.append(logits)
-    for t in range(6, 8):
-      logits, cache = decoder.extend(ids[:, t:t + 1], cache)
-      got.append(logits)
-    logits, cache = decoder.extend(ids[:, 8:16], cache)
-    got.append(logits)
-    for t in range(16, length):
-      logits, cache = decoder.extend(ids[:, t:t + 1], cache)
-      got.append(logits)
+    got, cache = extend_in_pieces(decoder, ids, decoder.init_cache(2),
+                                  prefill_step_extend_step(6, (8, 16), length))
     self.assertEqual(int(cache["position"]), length)
-    assert_trees_rel_close(self, jnp.concatenate(got, axis=1), want, 1e-6, "decoded logits")
+    assert_trees_rel_close(self, got, want, 1e-6, "decoded logits")
     # the weights moved: a decoder that never stepped would not match
     self.assertGreater(rel_err(cache["ttt"]["weights"][0]["down"][0],
                                mutable_kernels(model)[0]["down"]), 1e-3)

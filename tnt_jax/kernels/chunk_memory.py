@@ -295,23 +295,18 @@ def chunk_coefficients(gates: Gates, config: MemoryConfig, length: int, acc) -> 
   chunk = config.chunk_size
   n = -(-length // chunk)
   valid = (jnp.arange(n * chunk) < length).reshape(1, n, chunk)
-  rows = lambda g: _rows(g.astype(acc), n, chunk)                     # [BH, N, C]
-  theta = jnp.where(valid, rows(gates.theta), 0.0)
-  zeros = jnp.zeros_like(theta)
-  eta = zeros if gates.eta is None else rows(gates.eta)
-  alpha = zeros if gates.alpha is None else rows(gates.alpha)
-  valid = jnp.broadcast_to(valid, theta.shape)
+  rows = lambda g: None if g is None else _rows(g.astype(acc), n, chunk)   # [BH, N, C]
+  c = transitions.gate_coefficients(rows(gates.theta), rows(gates.eta), rows(gates.alpha),
+                                    valid, config.read)
   has_s = config.rule.has_momentum
   col = lambda x: x[..., :, None]                                      # [..., C] -> [..., C, 1]
   one = lambda x: x[..., None, None]                                   # [...] -> [..., 1, 1]
   if config.read == "cumulative":
-    c = transitions.chunk_token_coefficients(-theta, eta, alpha, valid)
     return ChunkCoefs(
         read_w0=col(c.w_from_w0), read_s0=col(c.w_from_s0) if has_s else None,
         read_x=c.w_from_x, end_w0=one(c.w_from_w0[..., -1]),
         end_s0=one(c.w_from_s0[..., -1]) if has_s else None, end_x=col(c.w_from_x[..., -1, :]),
         end_ss0=one(c.s_from_s0) if has_s else None, end_sx=col(c.s_from_x) if has_s else None)
-  c = transitions.chunk_end_coefficients(-theta, eta, alpha, valid)
   return ChunkCoefs(
       read_w0=None, read_s0=None, read_x=None, end_w0=one(c.w_from_w0),
       end_s0=one(c.w_from_s0) if has_s else None, end_x=col(c.w_from_x),
@@ -411,19 +406,31 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
 
 
 class _Static(NamedTuple):
-  """The hashable, non-differentiable arguments of the row-level kernel op."""
+  """The hashable, non-differentiable arguments of the row-level kernel op (the launch fields
+  are unused by the jnp reference)."""
   config: MemoryConfig
   coef_fields: tuple
   depth: int
   has_momentum: bool
-  driver: str
-  interpret: object
-  blocks: KernelBlocks
+  driver: str = ""
+  interpret: object = True
+  blocks: KernelBlocks = KernelBlocks()
 
 
-def _unpack_coefs(static: _Static, values) -> ChunkCoefs:
-  given = dict(zip(static.coef_fields, values))
-  return ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
+def _carry_step(static: _Static, compute_dtype):
+  """The chunk step on a flat carry [W layers..., S layers...] and flat coefficient values:
+  (carry, q, k, v, coef_values) -> (carry', out [C, d] float32)."""
+  depth = static.depth
+
+  def step(carry, q, k, v, coef_values):
+    given = dict(zip(static.coef_fields, coef_values))
+    coefs = ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
+    momentum = list(carry[depth:]) if static.has_momentum else None
+    new_w, new_s, out = _chunk_step(list(carry[:depth]), momentum, q, k, v, coefs,
+                                    config=static.config, compute_dtype=compute_dtype)
+    return new_w + (new_s or []), out
+
+  return step
 
 
 def _gpu_params(static: _Static) -> dict:
@@ -434,15 +441,13 @@ def _gpu_params(static: _Static) -> dict:
 def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_states: bool):
   """Kernel forward on the row layout: (out [R, N, C, d], final state[, chunk-start states])."""
   cd = q.dtype
-  step = functools.partial(_chunk_step, config=static.config, compute_dtype=cd)
-  depth, n = static.depth, q.shape[1]
+  step = _carry_step(static, cd)
+  n = q.shape[1]
 
   def body(carry, chunk):
-    weights, momentum = carry[:depth], (carry[depth:] if static.has_momentum else None)
     qc, kc, vc, *coef_values = chunk
-    new_w, new_s, out = step(weights, momentum, qc, kc, vc, _unpack_coefs(static, coef_values))
-    saved = list(carry) if save_states else []
-    return new_w + (new_s or []), [out] + saved
+    new_carry, out = step(carry, qc, kc, vc, coef_values)
+    return new_carry, [out] + (list(carry) if save_states else [])
 
   out_shapes = [jax.ShapeDtypeStruct(q.shape, cd)]
   if save_states:
@@ -458,8 +463,7 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   """Fused backward: walk the chunks in reverse, the vjp of one chunk step at its saved
   chunk-start state, carrying the state's cotangent on chip."""
   cd = q.dtype
-  step = functools.partial(_chunk_step, config=static.config, compute_dtype=cd)
-  depth = static.depth
+  step = _carry_step(static, cd)
   num_coefs = len(coefs)
 
   def body(d_carry, chunk):
@@ -468,14 +472,8 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
     d_out_c = chunk[3 + num_coefs]
     state_c = chunk[4 + num_coefs:]
 
-    def f(state, qc, kc, vc, coef_values):
-      momentum = state[depth:] if static.has_momentum else None
-      new_w, new_s, out = step(state[:depth], momentum, qc, kc, vc,
-                               _unpack_coefs(static, coef_values))
-      return new_w + (new_s or []), out
-
     def chunk_vjp(state, qc, kc, vc, coef_values, d_state, d_out):
-      _, vjp = jax.vjp(f, state, qc, kc, vc, coef_values)
+      _, vjp = jax.vjp(step, state, qc, kc, vc, coef_values)
       return vjp((d_state, d_out))
 
     acc = jnp.promote_types(cd, jnp.float32)
@@ -520,16 +518,12 @@ _kernel_rows.defvjp(_kernel_rows_fwd, _kernel_rows_bwd)
 
 def _reference_rows(static: _Static, q, k, v, coefs, state):
   """`_chunk_step` scanned over chunks and vmapped over rows: the kernel's math in plain jnp."""
-  step = functools.partial(_chunk_step, config=static.config, compute_dtype=q.dtype)
-  depth = static.depth
+  step = _carry_step(static, q.dtype)
 
   def row(q, k, v, coefs, state):
     def body(carry, xs):
-      momentum = carry[depth:] if static.has_momentum else None
-      qc, kc, vc, coef_values = xs
-      new_w, new_s, out = step(carry[:depth], momentum, qc, kc, vc,
-                               _unpack_coefs(static, coef_values))
-      return new_w + (new_s or []), out.astype(q.dtype)
+      new_carry, out = step(carry, *xs)
+      return new_carry, out.astype(q.dtype)
     final, out = jax.lax.scan(body, list(state), (q, k, v, list(coefs)))
     return out, final
 
@@ -583,6 +577,8 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                        "interpret=True or use implementation='xla'")
   if driver not in DRIVERS:
     raise ValueError(f"driver={driver!r} is unknown; expected one of {DRIVERS}")
+  from tnt_jax.ops.api import validate_memory_inputs   # api imports this module
+  validate_memory_inputs(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, {}, config)
   reason = unsupported_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, driver=driver,
                               interpret=bool(interpret), blocks=blocks)
   if reason is not None:
@@ -594,5 +590,4 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
 def kernel_memory_reference(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,
                             gates: Gates, state: MemoryState, config: MemoryConfig):
   """The kernel's math in plain jnp (`_chunk_step` scanned over chunks, vmapped over rows)."""
-  return _run_rows(_reference_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
-                   driver="reference", interpret=True, blocks=KernelBlocks())
+  return _run_rows(_reference_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config)

@@ -194,12 +194,7 @@ def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates
 
     xs = (q_c, k_c, v_c, theta, beta)
   else:
-    zeros = jnp.zeros_like(theta)
-    eta = zeros if eta is None else eta
-    alpha = zeros if alpha is None else alpha
-    coef_fn = (transitions.chunk_token_coefficients if config.read == "cumulative"
-               else transitions.chunk_end_coefficients)
-    coefs = coef_fn(-theta, eta, alpha, jnp.broadcast_to(valid, theta.shape))
+    coefs = transitions.gate_coefficients(theta, eta, alpha, valid, config.read)
     has_s = rule.has_momentum
 
     def step(carry, xs):

@@ -90,3 +90,19 @@ def chunk_token_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC) -> ChunkCoeff
   return ChunkCoefficients(
       w_from_w0=cp[..., 0], w_from_s0=cq[..., 0], w_from_x=w_from_x,
       s_from_s0=cr[..., -1, 0], s_from_x=cr[..., -1, 1:] * theta_xC)
+
+
+def gate_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC, read: str) -> ChunkCoefficients:
+  """The coefficients a read mode needs, from the raw gates of every chunk ([..., C] each).
+
+  eta / alpha may be None (gd: no momentum, no forgetting); theta is zeroed at padded tokens;
+  valid broadcasts against theta. Per-token coefficients for "cumulative", chunk-end ones for
+  "chunk_start". Shared by the XLA chunkwise op and the Pallas kernel.
+  """
+  valid_xC = jnp.broadcast_to(valid_xC, theta_xC.shape)
+  theta_xC = jnp.where(valid_xC, theta_xC, 0.0)
+  zeros = jnp.zeros_like(theta_xC)
+  eta_xC = zeros if eta_xC is None else eta_xC
+  alpha_xC = zeros if alpha_xC is None else alpha_xC
+  coef_fn = chunk_token_coefficients if read == "cumulative" else chunk_end_coefficients
+  return coef_fn(-theta_xC, eta_xC, alpha_xC, valid_xC)
