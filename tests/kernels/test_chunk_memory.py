@@ -37,8 +37,8 @@ def _config(model, rule_read, loss="l2"):
   return MemoryConfig(MODELS[model], UpdateRule(rule), loss, read, CHUNK)
 
 
-def _inputs(config, head_dim, dtype, seed):
-  args = random_inputs(config, jax.random.key(seed), batch=1, length=LENGTH, heads=2,
+def _inputs(config, head_dim, dtype, seed, length=LENGTH):
+  args = random_inputs(config, jax.random.key(seed), batch=1, length=length, heads=2,
                        head_dim=head_dim, dtype=jnp.float32)
   q, k, v, gates, state, _ = args
   cast = lambda x: x.astype(dtype)
@@ -75,14 +75,18 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     jax.config.update("jax_enable_x64", True)
     self.addCleanup(jax.config.update, "jax_enable_x64", False)
 
-  def _kernel(self, config, driver):
-    return lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
-                                               interpret=self.INTERPRET)
+  def _interpret(self):
+    """The kernel's `interpret` argument."""
+    return self.INTERPRET
 
-  def _check(self, config, head_dim, dtype, seed):
+  def _kernel(self, config, driver, blocks=KernelBlocks()):
+    return lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
+                                               interpret=self._interpret(), blocks=blocks)
+
+  def _check(self, config, head_dim, dtype, seed, blocks=KernelBlocks(), length=LENGTH):
     if dtype not in self.DTYPES:
       self.skipTest(f"{dtype} is not compiled")
-    args = _inputs(config, head_dim, getattr(jnp, dtype), seed)
+    args = _inputs(config, head_dim, getattr(jnp, dtype), seed, length)
     ref_dtype = jnp.float32 if dtype == "bfloat16" else getattr(jnp, dtype)
     ref_args = jax.tree.map(lambda x: x.astype(jnp.promote_types(ref_dtype, x.dtype)), args)
     reference = lambda q, k, v, g, s: memory_op(q, k, v, g, s, {}, config,
@@ -93,7 +97,7 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     tol = TOLERANCE[dtype]
     for driver in self.DRIVERS:
       (out, state), grads = jax.jit(
-          lambda a: _outputs_and_vjp(self._kernel(config, driver), a, seed))(args)
+          lambda a: _outputs_and_vjp(self._kernel(config, driver, blocks), a, seed))(args)
       self.assertEqual(out.dtype, args[0].dtype)
       self.assertEqual(out.shape, args[0].shape)
       what = f"{driver}/{dtype}/"
@@ -124,6 +128,33 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
         MODELS["linear"]
     config = MemoryConfig(memory, UpdateRule("titans"), "dot", "cumulative", CHUNK)
     self._check(config, 64, "float32", _seed(model, "dot"))
+
+  @parameterized.parameters(1, 3, 8, 20, None)
+  def test_backward_from_states_saved_every_few_chunks(self, save_every):
+    # 8 chunks (the last partial): groups of 3 leave a shorter last group; 8 and 20 re-run the
+    # whole row from the initial state; None is the default, round(sqrt(8)) = 3.
+    config = _config("mlp", "titans_cumulative")
+    dtype = self.DTYPES[0]
+    self._check(config, 64, dtype, _seed("save_every", save_every),
+                blocks=KernelBlocks(save_every=save_every), length=7 * CHUNK + 5)
+
+  def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
+    config = _config("linear", "titans_cumulative")
+    args = _inputs(config, 64, getattr(jnp, self.DTYPES[0]), 4, 7 * CHUNK + 5)
+    saved = {}
+
+    def forwards(static, q, k, v, coefs, state):
+      static = static._replace(driver=self.DRIVERS[-1] or chunk_memory.PLATFORM_DRIVER[
+          jax.default_backend()], interpret=self._interpret())
+      for every in (1, 3):
+        out, final, saved[every] = chunk_memory._rows_forward(static, q, k, v, coefs, state,
+                                                              save_every=every)
+      return out, final
+
+    chunk_memory._run_rows(forwards, *args, config)          # eager: saved holds arrays
+    for every_chunk, every_third in zip(saved[1], saved[3]):
+      self.assertEqual(every_third.shape[1], 3)              # chunks 0, 3, 6 of 8
+      np.testing.assert_array_equal(np.asarray(every_third), np.asarray(every_chunk[:, ::3]))
 
   def test_memory_op_pallas_uses_the_kernel_or_falls_back_exactly(self):
     config = _config("mlp", "titans_cumulative")
@@ -197,10 +228,9 @@ class ChunkMemoryKernelTPUInterpretTest(ChunkMemoryKernelTest):
   DRIVERS = ("sequential_grid",)
   DTYPES = ("float32",)
 
-  def _kernel(self, config, driver):
+  def _interpret(self):
     from jax.experimental.pallas import tpu as pltpu
-    return lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
-                                               interpret=pltpu.InterpretParams())
+    return pltpu.InterpretParams()
 
 
 class KernelErrorsTest(parameterized.TestCase):
@@ -235,6 +265,8 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks(backward="triton")
     with self.assertRaisesRegex(ValueError, "max_chunk_activations=0 must be an integer >= 1"):
       KernelBlocks(max_chunk_activations=0)
+    with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):
+      KernelBlocks(save_every=0)
     config = _config("linear", "gd_cumulative")
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)

@@ -23,12 +23,15 @@ Drivers (one chunk step, `_chunk_step`, shared by all):
 
 Backward (`jax.custom_vjp` on the row layout; layout changes and the gate coefficients around it
 are plain JAX, so their gradients come from autodiff):
-  "fused"  the forward also writes every chunk-start state (float32, [rows, chunks, out, in] per
-           layer) to HBM; a second kernel walks the chunks in reverse carrying the state's
-           cotangent on chip, and per chunk evaluates the vjp of the same `_chunk_step` at the
-           saved state (jax.vjp traced inside the kernel body: one chunk step's math, so the
-           backward can never drift from the forward). Memory: one state per chunk, as XLA's
-           unchecked scan; see docs/kernel_notes.md.
+  "fused"  the forward also writes the start state of every s-th chunk (float32, [rows,
+           ceil(N / s), out, in] per layer; s = KernelBlocks.save_every, ~sqrt(N) by default) to
+           HBM. The backward takes the groups of s chunks last to first: the forward kernel
+           re-runs one group from its saved state, saving each chunk-start state, and a reverse
+           kernel walks the group carrying the state's cotangent on chip, per chunk evaluating
+           the vjp of the same `_chunk_step` at the saved state (jax.vjp traced inside the
+           kernel body: one chunk step's math, so the backward can never drift from the
+           forward). Memory: N / s + s states instead of N, for one more forward; s = 1 saves
+           every state and recomputes nothing. See docs/kernel_notes.md.
   "xla"    version 1: recompute with the jnp reference and take its vjp.
 
 Supported: models "linear" and "mlp" (any depth) without bias or residual norm; losses l2 and dot;
@@ -69,6 +72,12 @@ class KernelBlocks:
     larger states spill out of registers / VMEM.
   backward: "fused" (a reverse kernel over the chunk-start states the forward saved) or "xla"
     (recompute with the jnp reference and take its vjp; version 1, kept for comparison).
+  save_every: the fused backward's checkpoint spacing. The forward saves the state at the start
+    of every `save_every`-th chunk; the backward re-runs the forward kernel over one group of
+    chunks at a time (saving each chunk's start state) and then walks that group in reverse, so
+    the residuals are N / save_every + save_every states instead of N, for one more forward.
+    None picks round(sqrt(N)) (as ops/chunkwise.py's chunk groups); 1 saves every chunk-start
+    state and recomputes nothing (fastest, most memory).
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
@@ -79,19 +88,27 @@ class KernelBlocks:
   max_state_bytes: int = 256 * 1024
   max_chunk_activations: int = 4096
   backward: str = "fused"
+  save_every: int | None = None
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
-    for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations"):
+    for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
+                 "save_every"):
       value = getattr(self, name)
-      if name == "num_warps" and value is None:
+      if name in ("num_warps", "save_every") and value is None:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
     if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
       raise ValueError(f"KernelBlocks.num_warps={self.num_warps} must be a power of 2")
+
+  def checkpoint_spacing(self, num_chunks: int) -> int:
+    """Chunks per saved state for a row of num_chunks chunks (>= 1)."""
+    if self.save_every is not None:
+      return self.save_every
+    return max(1, round(num_chunks ** 0.5))
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -323,15 +340,33 @@ def _state_rows(tree_layers: dict, names, acc):
 
 
 def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
-                     interpret, gpu_params, name):
+                     interpret, gpu_params, name, out_strides=None):
   """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
   chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
-  carry's start; chunk_out_shapes: ShapeDtypeStructs [R, N, ...] written one chunk at a time.
-  body(carry: list, chunk_values: list) -> (carry, chunk_outputs). Returns (chunk_outputs,
-  final carry) as lists.
+  carry's start; chunk_out_shapes: ShapeDtypeStructs [R, ceil(N / stride), ...], chunk output o
+  written at chunk j (into slot j // stride) only when j % stride == 0, stride = out_strides[o]
+  (default 1: every chunk). body(carry: list, chunk_values: list) -> (carry, chunk_outputs).
+  Returns (chunk_outputs, final carry) as lists.
   """
   rows, n = chunk_inputs[0].shape[:2]
+  out_strides = list(out_strides or [1] * len(chunk_out_shapes))
+  for o, stride in zip(chunk_out_shapes, out_strides):
+    if o.shape[1] != -(-n // stride) or (reverse and stride != 1):
+      raise ValueError(f"chunk output of shape {o.shape} does not fit {n} chunks at stride "
+                       f"{stride} (reverse={reverse})")
+
+  def write_outputs(out_refs, j, outs, slot):
+    """Store chunk j's outputs at slot(j, stride); strided ones only at a stride's first chunk
+    (in the grid driver the slot's block stays resident over its stride)."""
+    for r, val, stride in zip(out_refs, outs, out_strides):
+      store = lambda r=r, val=val, stride=stride: r.__setitem__(slot(j, stride),
+                                                                val.astype(r.dtype))
+      if stride == 1:
+        store()
+      else:
+        pl.when(j % stride == 0)(store)
+
   num_in, num_carry = len(chunk_inputs), len(carry_init)
   carry_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in carry_init]
   out_shape = list(chunk_out_shapes) + carry_shapes
@@ -349,13 +384,12 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
           carry_ref[...] = init_ref[...]
 
       carry, outs = body([r[...] for r in carry_refs], [r[...] for r in chunk_refs])
-      for r, val in zip(out_refs, outs):
-        r[...] = val.astype(r.dtype)
+      write_outputs(out_refs, pl.program_id(1), outs, lambda j, stride: ...)
       for r, val in zip(carry_refs, carry):
         r[...] = val.astype(r.dtype)
 
-    def chunk_spec(shape):
-      at = (lambda i, j: (i, n - 1 - j)) if reverse else (lambda i, j: (i, j))
+    def chunk_spec(shape, stride=1):
+      at = (lambda i, j: (i, n - 1 - j)) if reverse else (lambda i, j: (i, j // stride))
       return pl.BlockSpec((None, None) + tuple(shape[2:]),
                           lambda i, j: at(i, j) + (0,) * (len(shape) - 2))
 
@@ -363,7 +397,7 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
                                           lambda i, j: (i,) + (0,) * (len(shape) - 1))
     in_specs = [chunk_spec(x.shape) for x in chunk_inputs]
     in_specs += [row_spec(x.shape) for x in carry_init]
-    out_specs = [chunk_spec(o.shape) for o in chunk_out_shapes]
+    out_specs = [chunk_spec(o.shape, st) for o, st in zip(chunk_out_shapes, out_strides)]
     out_specs += [row_spec(o.shape) for o in carry_shapes]
     grid = (rows, n)
     compiler_params = None
@@ -379,8 +413,7 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
       def step(i, carry):
         j = n - 1 - i if reverse else i
         carry, outs = body(carry, [r[j] for r in chunk_refs])
-        for r, val in zip(out_refs, outs):
-          r[j] = val.astype(r.dtype)
+        write_outputs(out_refs, j, outs, lambda j, stride: j // stride)
         return carry
 
       carry = jax.lax.fori_loop(0, n, step, [r[...] for r in init_refs])
@@ -438,23 +471,30 @@ def _gpu_params(static: _Static) -> dict:
   return dict(num_warps=num_warps, num_stages=static.blocks.num_stages)
 
 
-def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_states: bool):
-  """Kernel forward on the row layout: (out [R, N, C, d], final state[, chunk-start states])."""
+def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None):
+  """Kernel forward on the row layout: (out [R, N, C, d], final state, saved), saved being the
+  start states of chunks 0, s, 2s, ... ([R, ceil(N / s), out, in] per layer) for save_every=s,
+  or [] for None."""
   cd = q.dtype
   step = _carry_step(static, cd)
   n = q.shape[1]
+  saving = save_every is not None
 
   def body(carry, chunk):
     qc, kc, vc, *coef_values = chunk
     new_carry, out = step(carry, qc, kc, vc, coef_values)
-    return new_carry, [out] + (list(carry) if save_states else [])
+    return new_carry, [out] + (list(carry) if saving else [])
 
   out_shapes = [jax.ShapeDtypeStruct(q.shape, cd)]
-  if save_states:
-    out_shapes += [jax.ShapeDtypeStruct((x.shape[0], n) + x.shape[1:], x.dtype) for x in state]
+  strides = [1]
+  if saving:
+    slots = -(-n // save_every)
+    out_shapes += [jax.ShapeDtypeStruct((x.shape[0], slots) + x.shape[1:], x.dtype)
+                   for x in state]
+    strides += [save_every] * len(state)
   outs, final = _sequential_call(
       body, [q, k, v, *coefs], list(state), out_shapes, reverse=False, driver=static.driver,
-      interpret=static.interpret, gpu_params=_gpu_params(static),
+      interpret=static.interpret, gpu_params=_gpu_params(static), out_strides=strides,
       name=f"chunk_memory_fwd_{static.config.model.kind}_{static.config.rule.kind}")
   return outs[0], final, outs[1:]
 
@@ -489,15 +529,57 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   return outs[0], outs[1], outs[2], outs[3:], d_init
 
 
+def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_final, spacing):
+  """The fused backward from states saved every `spacing` chunks: per group of `spacing` chunks,
+  last group first, re-run the forward kernel from the group's saved state (saving every
+  chunk-start state of the group), then the reverse kernel over the group. The groups run in a
+  reverse lax.scan, so only one group's states are live at a time; a shorter last group (N not
+  a multiple of spacing) runs first, on its own."""
+  if spacing == 1:
+    dq, dk, dv, d_coefs, d_state = _rows_backward(static, q, k, v, coefs, saved, d_out, d_final)
+    return [dq, dk, dv, *d_coefs], d_state
+  n = q.shape[1]
+  num_groups = -(-n // spacing)
+  head = (num_groups - 1) * spacing           # chunks in the full groups before the last one
+  chunked = [q, k, v, *coefs, d_out]
+
+  def group(state0, d_carry, arrays):
+    qg, kg, vg, *cg, dg = arrays
+    _, _, states = _rows_forward(static, qg, kg, vg, cg, state0, save_every=1)
+    dq, dk, dv, d_coefs, d_carry = _rows_backward(static, qg, kg, vg, cg, states, dg, d_carry)
+    return d_carry, [dq, dk, dv, *d_coefs]
+
+  d_carry, last_grads = group([s[:, -1] for s in saved], list(d_final),
+                              [x[:, head:] for x in chunked])
+  if not head:
+    return last_grads, d_carry
+  # [R, head, ...] -> [groups, R, spacing, ...] for the scan, and back.
+  split = lambda x: jnp.moveaxis(
+      x[:, :head].reshape((x.shape[0], num_groups - 1, spacing) + x.shape[2:]), 1, 0)
+  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], head) + x.shape[3:])
+  starts = [jnp.moveaxis(s[:, :-1], 1, 0) for s in saved]
+
+  def scan_body(d_carry, xs):
+    state0, arrays = xs
+    return group(state0, d_carry, arrays)
+
+  d_carry, head_grads = jax.lax.scan(scan_body, d_carry, (starts, [split(x) for x in chunked]),
+                                     reverse=True)
+  grads = [jnp.concatenate([merge(hg), lg], axis=1) for hg, lg in zip(head_grads, last_grads)]
+  return grads, d_carry
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _kernel_rows(static: _Static, q, k, v, coefs, state):
-  out, final, _ = _rows_forward(static, q, k, v, coefs, state, save_states=False)
+  out, final, _ = _rows_forward(static, q, k, v, coefs, state, save_every=None)
   return out, final
 
 
 def _kernel_rows_fwd(static, q, k, v, coefs, state):
-  fused = static.blocks.backward == "fused"
-  out, final, saved = _rows_forward(static, q, k, v, coefs, state, save_states=fused)
+  spacing = None
+  if static.blocks.backward == "fused":
+    spacing = static.blocks.checkpoint_spacing(q.shape[1])
+  out, final, saved = _rows_forward(static, q, k, v, coefs, state, save_every=spacing)
   return (out, final), (q, k, v, coefs, state, saved)
 
 
@@ -505,7 +587,9 @@ def _kernel_rows_bwd(static, residuals, cotangents):
   q, k, v, coefs, state, saved = residuals
   d_out, d_final = cotangents
   if static.blocks.backward == "fused":
-    dq, dk, dv, d_coefs, d_state = _rows_backward(static, q, k, v, coefs, saved, d_out, d_final)
+    spacing = static.blocks.checkpoint_spacing(q.shape[1])
+    (dq, dk, dv, *d_coefs), d_state = _rows_backward_grouped(static, q, k, v, coefs, saved,
+                                                             d_out, d_final, spacing)
     return dq, dk, dv, list(d_coefs), list(d_state)
   # "xla": recompute with the kernel's jnp reference (a scan of the same chunk step) and take
   # its vjp; exact, but one more forward and XLA's many small kernels.
