@@ -42,6 +42,7 @@ from tnt_jax.layers import MemoryLayer, TitansLayerConfig, TNTLayerConfig
 from tnt_jax.layers.flops import memory_layer_flops
 from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops import flops
+from tnt_jax.kernels.chunk_memory import KernelBlocks
 from tnt_jax.ops.api import kernel_fallback_reason, memory_op
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
 
@@ -49,6 +50,8 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
                   "what to measure")
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
+flags.DEFINE_list("kernel_save_every", ["auto"], "kernel mode: the fused backward's checkpoint "
+                  "spacings to compare (KernelBlocks.save_every; 'auto': about sqrt(chunks))")
 flags.DEFINE_string("context_config", "size=paper150m",
                     "context mode: the model, as configs/tnt_lm.py's argument")
 flags.DEFINE_list("context_lengths", ["32768", "65536", "131072"],
@@ -203,10 +206,10 @@ def run_op_mode(peak):
         yield dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
-def _op_case(config, unroll, backward, implementation="xla"):
+def _op_case(config, unroll, backward, implementation="xla", kernel_blocks=None):
   def forward(q, k, v, gates, state, slow):
     return memory_op(q, k, v, gates, state, slow, config, remat=FLAGS.remat, unroll=unroll,
-                     implementation=implementation)
+                     implementation=implementation, kernel_blocks=kernel_blocks)
 
   if not backward:
     return forward
@@ -238,7 +241,7 @@ def kernel_variants():
         yield length, head_dim, "attention", "causal", 0, "attention"
 
 
-def tnt_memory_case(length, head_dim, dtype, backward, implementation):
+def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_blocks=None):
   """A whole TNT memory: mlp global (chunk-start) + one mlp local (cumulative), Q-K projection."""
   b, h = FLAGS.batch, FLAGS.heads
   model = MemoryModel("mlp", expansion=FLAGS.expansion)
@@ -255,24 +258,39 @@ def tnt_memory_case(length, head_dim, dtype, backward, implementation):
 
   def forward(q, k, v, gates, state, inits, slows):
     return tnt_op(q, k, v, gates, state, inits, slows, config, implementation=implementation,
-                  remat=FLAGS.remat)
+                  remat=FLAGS.remat, kernel_blocks=kernel_blocks)
 
   count = (flops.memory_op_flops(glob, b, length, h, head_dim, backward)
            + flops.memory_op_flops(local.memory, b, length, h, head_dim, backward))
   return (_loss_grad(forward) if backward else forward), args, count, (glob, local.memory)
 
 
+def kernel_implementations():
+  """(row label, implementation, KernelBlocks) per compared path: xla, then the kernel at each
+  --kernel_save_every (the default spacing is labelled plain "pallas")."""
+  yield "xla", "xla", None
+  for every in FLAGS.kernel_save_every:
+    if every == "auto":
+      yield "pallas", "pallas", KernelBlocks()
+    else:
+      yield f"pallas/save_every={int(every)}", "pallas", KernelBlocks(save_every=int(every))
+
+
 def run_kernel_mode(peak):
   b, h = FLAGS.batch, FLAGS.heads
   dtype = jnp.dtype(FLAGS.dtype)
   for length, head_dim, model_name, read, chunk, config in kernel_variants():
-    for implementation in (("xla",) if config == "attention" else ("xla", "pallas")):
+    paths = [("xla", "xla", None)] if config == "attention" else list(kernel_implementations())
+    first_kernel = next((p[0] for p in paths if p[1] == "pallas"), None)
+    for label, implementation, blocks in paths:
       for pass_name in FLAGS.passes:
+        if implementation == "pallas" and pass_name == "fwd" and label != first_kernel:
+          continue   # the checkpoint spacing changes only the backward
         backward = pass_name == "fwd+bwd"
         row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,
                    read=read, rule=FLAGS.rule, chunk=chunk, length=length, unroll="auto",
                    batch=b, heads=h, head_dim=head_dim, dtype=str(dtype), passes=pass_name,
-                   remat=FLAGS.remat, implementation=implementation)
+                   remat=FLAGS.remat, implementation=label)
         try:
           if config == "attention":
             args, fn = _attention_case(b, length, h, head_dim, dtype, backward)
@@ -281,7 +299,7 @@ def run_kernel_mode(peak):
                        rule="")
           elif config is None:
             fn, args, count, memories = tnt_memory_case(length, head_dim, dtype, backward,
-                                                         implementation)
+                                                         implementation, blocks)
             if implementation == "pallas":
               reasons = [kernel_fallback_reason(m, head_dim, dtype, False) for m in memories]
               row["fallback"] = "; ".join(f"{name}: {r}" for name, r in
@@ -293,7 +311,7 @@ def run_kernel_mode(peak):
                 yield dict(row, fallback=reason)
                 continue
             args = op_inputs(config, b, length, h, head_dim, dtype)
-            fn = _op_case(config, None, backward, implementation)
+            fn = _op_case(config, None, backward, implementation, blocks)
             count = flops.memory_op_flops(config, b, length, h, head_dim, backward)
           yield timed_variant(fn, args, count, peak, row)
         except Exception as e:  # one failing variant (e.g. out of memory) must not end the run
@@ -302,7 +320,7 @@ def run_kernel_mode(peak):
 
 def format_kernel_row(r) -> str:
   name = (f"{r['model']:9s} {r['read'] or '-':11s} C={r['chunk']:<5d} d={r['head_dim']:<4d} "
-          f"T={r['length']:<6d} {r['implementation']:7s} {r['passes']:8s}")
+          f"T={r['length']:<6d} {r['implementation']:21s} {r['passes']:8s}")
   if "error" in r:
     return f"{name} FAILED {r['error']}"
   if "seconds" not in r:

@@ -103,12 +103,16 @@ def validate_memory_inputs(q, k, v, gates: Gates, state: MemoryState, slow: dict
 
 def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
               state: MemoryState, slow: dict | None, config: MemoryConfig, *,
-              implementation: str = "xla", remat: bool = False, unroll: int | None = None
+              implementation: str = "xla", remat: bool = False, unroll: int | None = None,
+              kernel_blocks: chunk_memory.KernelBlocks | None = None
               ) -> tuple[Array, MemoryState]:
   """Run a deep test-time memory over a sequence; returns (outputs [B,T,H,D], final state).
 
   remat: recompute each chunk's forward in the backward pass (less memory, ~1/3 more compute).
   unroll: chunks per trip of the scan over chunks; None picks one (chunkwise.default_unroll).
+  remat and unroll shape the xla path; the kernel always recomputes a chunk in its backward.
+  kernel_blocks: the kernel's launch and checkpoint settings (None: KernelBlocks()), for
+    implementation="pallas" / "pallas_interpret".
   """
   slow = {} if slow is None else slow
   if implementation not in IMPLEMENTATIONS:
@@ -122,24 +126,27 @@ def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates
     return reference_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
   if implementation.startswith("pallas"):
     interpret = implementation == "pallas_interpret"
-    reason = kernel_fallback_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, interpret)
+    blocks = kernel_blocks or chunk_memory.KernelBlocks()
+    reason = kernel_fallback_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, interpret,
+                                    blocks)
     if reason is None:
       return chunk_memory.kernel_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
-                                        interpret=interpret)
+                                        interpret=interpret, blocks=blocks)
     _log_fallback(reason)
   return chunkwise_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config,
                           remat=remat, unroll=unroll)
 
 
-def kernel_fallback_reason(config: MemoryConfig, head_dim: int, dtype, interpret: bool
-                           ) -> str | None:
+def kernel_fallback_reason(config: MemoryConfig, head_dim: int, dtype, interpret: bool,
+                           blocks: chunk_memory.KernelBlocks | None = None) -> str | None:
   """Why implementation="pallas" would run the xla path for this op (None: the kernel runs)."""
   platform = jax.default_backend()
   driver = chunk_memory.PLATFORM_DRIVER.get(platform)
   if driver is None and not interpret:
     return f"platform={platform!r} has no compiled Pallas kernel (GPU and TPU do)"
   return chunk_memory.unsupported_reason(config, head_dim, dtype,
-                                         driver=driver or "sequential_grid", interpret=interpret)
+                                         driver=driver or "sequential_grid", interpret=interpret,
+                                         blocks=blocks or chunk_memory.KernelBlocks())
 
 
 @functools.lru_cache(maxsize=None)

@@ -99,7 +99,8 @@ def _fold_shards(x, shard_length, fill=0.0):
 
 
 def local_memory_op(q, k, v, gates: Gates, initial_weights: dict, slow: dict, local: LocalMemory,
-                    qk_projection: bool, implementation: str = "xla", remat: bool = False):
+                    qk_projection: bool, implementation: str = "xla", remat: bool = False,
+                    kernel_blocks=None):
   """One local memory over a whole sequence: shards in parallel, each from W_init."""
   b, t = q.shape[:2]
   s = local.shard_length
@@ -114,19 +115,20 @@ def local_memory_op(q, k, v, gates: Gates, initial_weights: dict, slow: dict, lo
   gates_s = Gates(*(fold(g) for g in gates))
   state = local.memory.init_state(initial_weights, q_s.shape[0])
   out, _ = memory_op(q_s, k_s, v_s, gates_s, state, slow, local.memory,
-                     implementation=implementation, remat=remat)
+                     implementation=implementation, remat=remat, kernel_blocks=kernel_blocks)
   return out.reshape((b, -1) + out.shape[2:])[:, :t]
 
 
 def tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Sequence[Gates],
            global_state: MemoryState, local_initial_weights: Sequence[dict],
            slows: Sequence[dict], config: TNTConfig, *, implementation: str = "xla",
-           remat: bool = False) -> tuple[Array, MemoryState]:
+           remat: bool = False, kernel_blocks=None) -> tuple[Array, MemoryState]:
   """o = o_global + sum_i o_local_i. Returns (outputs [B,T,H,D], the global memory's state).
 
   gates / slows: one entry per memory, the global memory first, then the locals in order.
   local_initial_weights: the learned W_init of each local memory, leaves [H, ...].
   remat: recompute each memory chunk in the backward pass (see memory_op).
+  kernel_blocks: the Pallas kernel's KernelBlocks for every memory (see memory_op).
   """
   n = 1 + len(config.local_memories)
   if implementation not in IMPLEMENTATIONS:
@@ -144,9 +146,9 @@ def tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Sequence
                            slows[i + 1], local.memory)
   out, global_state = memory_op(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates[0], global_state,
                                 slows[0], config.global_memory, implementation=implementation,
-                                remat=remat)
+                                remat=remat, kernel_blocks=kernel_blocks)
   for i, local in enumerate(config.local_memories):
     out = out + local_memory_op(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates[i + 1],
                                 local_initial_weights[i], slows[i + 1], local,
-                                config.qk_projection, implementation, remat)
+                                config.qk_projection, implementation, remat, kernel_blocks)
   return out, global_state
