@@ -129,6 +129,13 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     config = MemoryConfig(memory, UpdateRule("titans"), "dot", "cumulative", CHUNK)
     self._check(config, 64, "float32", _seed(model, "dot"))
 
+  @parameterized.parameters((8, "mlp", "titans_cumulative"), (12, "linear", "gd_chunk_start"))
+  def test_chunks_below_the_gpu_minimum_are_padded_exactly(self, chunk, model, rule_read):
+    # The GPU driver pads each chunk to 16 tokens with identity gates (kernel_chunk).
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MODELS[model], UpdateRule(rule), "l2", read, chunk)
+    self._check(config, 64, self.DTYPES[0], _seed("padded", chunk), length=45)
+
   @parameterized.parameters(1, 3, 8, 20, None)
   def test_backward_from_states_saved_every_few_chunks(self, save_every):
     # 8 chunks (the last partial): groups of 3 leave a shorter last group; 8 and 20 re-run the
@@ -257,6 +264,13 @@ class KernelErrorsTest(parameterized.TestCase):
     self.assertIn("max_state_bytes / 4 for float32", reason(titans_128, 128))
     self.assertIsNone(reason(titans_128, 128, jnp.bfloat16))
     self.assertIsNone(reason(_config("mlp", "titans_cumulative"), 64))
+    self.assertEqual(chunk_memory.kernel_chunk(8, "chunk_loop"), 16)
+    self.assertEqual(chunk_memory.kernel_chunk(24, "chunk_loop"), 32)
+    self.assertEqual(chunk_memory.kernel_chunk(24, "sequential_grid"), 24)
+    self.assertIsNone(reason(MemoryConfig(MODELS["mlp"], UpdateRule("titans"), chunk_size=8), 64))
+    wide = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("gd"), chunk_size=24)
+    self.assertIn("chunk_size=32 (padded from 24) x widest layer 256",
+                  reason(wide, 64, jnp.bfloat16))
 
   def test_bad_blocks_and_driver(self):
     with self.assertRaisesRegex(ValueError, "num_warps=3 must be a power of 2"):

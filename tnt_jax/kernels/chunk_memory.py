@@ -115,6 +115,19 @@ def _is_power_of_2(n: int) -> bool:
   return n >= 1 and n & (n - 1) == 0
 
 
+# Triton's dot needs every dimension >= 16: the GPU driver pads each chunk to this many tokens.
+MIN_GPU_CHUNK = 16
+
+
+def kernel_chunk(chunk_size: int, driver: str) -> int:
+  """Tokens per chunk inside the kernel. The GPU driver pads a chunk to the next power of 2 >= 16
+  with tokens whose gates are the identity (no update, no decay; their reads are dropped), which
+  leaves every real token's output and the state exactly as unpadded; padding costs compute."""
+  if driver != "chunk_loop":
+    return chunk_size
+  return max(MIN_GPU_CHUNK, 1 << (chunk_size - 1).bit_length())
+
+
 def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: str,
                        interpret: bool, blocks: KernelBlocks = KernelBlocks()) -> str | None:
   """Why the kernel cannot run this op (None when it can). Shapes and config only."""
@@ -139,14 +152,16 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
       return (f"the per-row state is {state_bytes} bytes > {f32_limit} "
               "(KernelBlocks.max_state_bytes / 4 for float32 compute)")
     width = max(max(shape) for shape in model.layer_shapes(head_dim).values())
-    if config.chunk_size * width > blocks.max_chunk_activations:
-      return (f"chunk_size={config.chunk_size} x widest layer {width} > KernelBlocks."
+    chunk = kernel_chunk(config.chunk_size, driver)
+    if chunk * width > blocks.max_chunk_activations:
+      padded = f" (padded from {config.chunk_size})" if chunk != config.chunk_size else ""
+      return (f"chunk_size={chunk}{padded} x widest layer {width} > KernelBlocks."
               f"max_chunk_activations={blocks.max_chunk_activations} (large chunks are XLA's "
               "batched matmuls)")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
     if driver == "chunk_loop":
-      sizes = {"chunk_size": config.chunk_size, "head_dim": head_dim}
+      sizes = {"head_dim": head_dim}      # the chunk is padded (kernel_chunk)
       sizes.update({f"{name}.out": o for name, (o, _) in model.layer_shapes(head_dim).items()})
       for name, size in sizes.items():
         if not _is_power_of_2(size) or size < 16:
@@ -307,12 +322,26 @@ def _rows(x_BxTxHx_, num_chunks, chunk):
   return x.reshape((b * h, num_chunks, chunk) + x.shape[3:])
 
 
-def chunk_coefficients(gates: Gates, config: MemoryConfig, length: int, acc) -> ChunkCoefs:
-  """The gate coefficients of every (row, chunk), laid out [B*H, N, ...] for the kernel."""
+def _pad_chunks(x_RxNxCx_, padded_chunk, value=0):
+  """Pad axis 2 (tokens in a chunk) at its end to padded_chunk."""
+  pad = padded_chunk - x_RxNxCx_.shape[2]
+  if not pad:
+    return x_RxNxCx_
+  return jnp.pad(x_RxNxCx_, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x_RxNxCx_.ndim - 3),
+                 constant_values=value)
+
+
+def chunk_coefficients(gates: Gates, config: MemoryConfig, length: int, acc,
+                       padded_chunk: int | None = None) -> ChunkCoefs:
+  """The gate coefficients of every (row, chunk), laid out [B*H, N, ...] for the kernel; with
+  padded_chunk, each chunk is padded at its end with identity tokens to that many."""
   chunk = config.chunk_size
+  padded_chunk = padded_chunk or chunk
   n = -(-length // chunk)
-  valid = (jnp.arange(n * chunk) < length).reshape(1, n, chunk)
-  rows = lambda g: None if g is None else _rows(g.astype(acc), n, chunk)   # [BH, N, C]
+  valid = _pad_chunks((jnp.arange(n * chunk) < length).reshape(1, n, chunk), padded_chunk,
+                      False)
+  rows = lambda g: None if g is None else _pad_chunks(_rows(g.astype(acc), n, chunk),
+                                                      padded_chunk)   # [BH, N, C]
   c = transitions.gate_coefficients(rows(gates.theta), rows(gates.eta), rows(gates.alpha),
                                     valid, config.read)
   has_s = config.rule.has_momentum
@@ -615,16 +644,19 @@ def _reference_rows(static: _Static, q, k, v, coefs, state):
 
 
 def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
-              config: MemoryConfig, **static_kw):
-  """Lay the op out as rows, run `row_fn(static, q, k, v, coefs, state)`, and lay it back."""
+              config: MemoryConfig, padded_chunk: int | None = None, **static_kw):
+  """Lay the op out as rows (each chunk padded to padded_chunk tokens), run
+  `row_fn(static, q, k, v, coefs, state)`, and lay it back."""
   b, t, h, d = q_BxTxHxD.shape
   chunk = config.chunk_size
+  padded_chunk = padded_chunk or chunk
   n = -(-t // chunk)
   cd = q_BxTxHxD.dtype
   acc = jnp.promote_types(cd, jnp.float32)
   names = list(config.model.layer_shapes(d))
-  q, k, v = (_rows(x, n, chunk) for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
-  coefs = chunk_coefficients(gates, config, t, acc)
+  q, k, v = (_pad_chunks(_rows(x, n, chunk), padded_chunk)
+             for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
+  coefs = chunk_coefficients(gates, config, t, acc, padded_chunk)
   coef_fields = tuple(f for f in ChunkCoefs._fields if getattr(coefs, f) is not None)
   has_s = state.momentum is not None
   rows_state = _state_rows(state.weights, names, acc)
@@ -633,6 +665,7 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   static = _Static(config, coef_fields, len(names), has_s, **static_kw)
   out_rows, final_rows = row_fn(static, q, k, v, [getattr(coefs, f) for f in coef_fields],
                                 rows_state)
+  out_rows = out_rows[:, :, :chunk]        # drop the padded tokens' reads
   out = jnp.moveaxis(out_rows.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
   unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
                          for nm, r in zip(names, rows)}
@@ -668,7 +701,8 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   if reason is not None:
     raise ValueError(f"the fused kernel does not support this op: {reason}")
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
-                   driver=driver, interpret=interpret, blocks=blocks)
+                   padded_chunk=kernel_chunk(config.chunk_size, driver), driver=driver,
+                   interpret=interpret, blocks=blocks)
 
 
 def kernel_memory_reference(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,
