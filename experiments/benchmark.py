@@ -50,8 +50,9 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
                   "what to measure")
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
-flags.DEFINE_list("kernel_save_every", ["auto"], "kernel mode: the fused backward's checkpoint "
-                  "spacings to compare (KernelBlocks.save_every; 'auto': about sqrt(chunks))")
+flags.DEFINE_list("kernel_blocks", ["default"], "kernel mode: KernelBlocks settings to compare "
+                  "side by side, each 'default' or fields joined by '+', e.g. "
+                  "'save_every=1+backward_num_warps=4'")
 flags.DEFINE_string("context_config", "size=paper150m",
                     "context mode: the model, as configs/tnt_lm.py's argument")
 flags.DEFINE_list("context_lengths", ["32768", "65536", "131072"],
@@ -265,15 +266,27 @@ def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_bl
   return (_loss_grad(forward) if backward else forward), args, count, (glob, local.memory)
 
 
+def parse_kernel_blocks(spec: str) -> KernelBlocks:
+  """'default' or 'field=value+field=value' (integer fields; backward takes a name)."""
+  if spec == "default":
+    return KernelBlocks()
+  fields = {}
+  for item in spec.split("+"):
+    name, sep, value = item.partition("=")
+    if not sep or name not in KernelBlocks.__dataclass_fields__:
+      raise ValueError(f"--kernel_blocks entry {item!r} must be field=value with a KernelBlocks "
+                       f"field ({', '.join(KernelBlocks.__dataclass_fields__)})")
+    fields[name] = value if name == "backward" else int(value)
+  return KernelBlocks(**fields)
+
+
 def kernel_implementations():
-  """(row label, implementation, KernelBlocks) per compared path: xla, then the kernel at each
-  --kernel_save_every (the default spacing is labelled plain "pallas")."""
+  """(row label, implementation, KernelBlocks) per compared path: xla, then the kernel with each
+  --kernel_blocks setting (the defaults labelled plain "pallas")."""
   yield "xla", "xla", None
-  for every in FLAGS.kernel_save_every:
-    if every == "auto":
-      yield "pallas", "pallas", KernelBlocks()
-    else:
-      yield f"pallas/save_every={int(every)}", "pallas", KernelBlocks(save_every=int(every))
+  for spec in FLAGS.kernel_blocks:
+    yield ("pallas" if spec == "default" else f"pallas/{spec}"), "pallas", \
+        parse_kernel_blocks(spec)
 
 
 def run_kernel_mode(peak):
@@ -285,7 +298,7 @@ def run_kernel_mode(peak):
     for label, implementation, blocks in paths:
       for pass_name in FLAGS.passes:
         if implementation == "pallas" and pass_name == "fwd" and label != first_kernel:
-          continue   # the checkpoint spacing changes only the backward
+          continue   # one forward row per op: the variants compared here tune the backward
         backward = pass_name == "fwd+bwd"
         row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,
                    read=read, rule=FLAGS.rule, chunk=chunk, length=length, unroll="auto",

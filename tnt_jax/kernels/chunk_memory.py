@@ -67,7 +67,8 @@ class KernelBlocks:
   """Launch parameters. The block itself is fixed: one (batch, head) row, one chunk at a time.
 
   num_warps / num_stages: GPU (Triton) only; num_warps None picks 4 for a linear memory and 8
-    for an mlp (measured on an H100, docs/kernel_notes.md).
+    for an mlp (measured on an H100, docs/kernel_notes.md). backward_num_warps: the reverse
+    kernel's (None: num_warps).
   max_state_bytes: the largest per-row float32 state (weights + momentum) the kernel accepts;
     larger states spill out of registers / VMEM.
   backward: "fused" (a reverse kernel over the chunk-start states the forward saved) or "xla"
@@ -89,20 +90,23 @@ class KernelBlocks:
   max_chunk_activations: int = 4096
   backward: str = "fused"
   save_every: int | None = None
+  backward_num_warps: int | None = None
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
-                 "save_every"):
+                 "save_every", "backward_num_warps"):
       value = getattr(self, name)
-      if name in ("num_warps", "save_every") and value is None:
+      if name in ("num_warps", "save_every", "backward_num_warps") and value is None:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
-    if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
-      raise ValueError(f"KernelBlocks.num_warps={self.num_warps} must be a power of 2")
+    for name in ("num_warps", "backward_num_warps"):
+      value = getattr(self, name)
+      if value is not None and value & (value - 1):
+        raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
 
   def checkpoint_spacing(self, num_chunks: int) -> int:
     """Chunks per saved state for a row of num_chunks chunks (>= 1)."""
@@ -495,8 +499,10 @@ def _carry_step(static: _Static, compute_dtype):
   return step
 
 
-def _gpu_params(static: _Static) -> dict:
+def _gpu_params(static: _Static, backward: bool = False) -> dict:
   num_warps = static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
+  if backward and static.blocks.backward_num_warps:
+    num_warps = static.blocks.backward_num_warps
   return dict(num_warps=num_warps, num_stages=static.blocks.num_stages)
 
 
@@ -553,8 +559,8 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
   outs, d_init = _sequential_call(
       body, [q, k, v, *coefs, d_out, *saved_states], list(d_final), out_shapes, reverse=True,
-      driver=static.driver, interpret=static.interpret, gpu_params=_gpu_params(static),
-      name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
+      driver=static.driver, interpret=static.interpret,
+      gpu_params=_gpu_params(static, backward=True), name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
   return outs[0], outs[1], outs[2], outs[3:], d_init
 
 
