@@ -373,53 +373,56 @@ def _state_rows(tree_layers: dict, names, acc):
 
 
 def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
-                     interpret, gpu_params, name, out_strides=None):
+                     interpret, gpu_params, name, snapshot_every=None):
   """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
   chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
-  carry's start; chunk_out_shapes: ShapeDtypeStructs [R, ceil(N / stride), ...], chunk output o
-  written at chunk j (into slot j // stride) only when j % stride == 0, stride = out_strides[o]
-  (default 1: every chunk). body(carry: list, chunk_values: list) -> (carry, chunk_outputs).
-  Returns (chunk_outputs, final carry) as lists.
+  carry's start; chunk_out_shapes: ShapeDtypeStructs [R, N, ...] written one chunk at a time.
+  body(carry: list, chunk_values: list) -> (carry, chunk_outputs). snapshot_every=s (forward
+  only) also returns the carry at the start of chunks 0, s, 2s, ... ([R, ceil(N / s), ...]).
+  Returns (chunk_outputs, final carry, snapshots) as lists (snapshots [] without s).
   """
   rows, n = chunk_inputs[0].shape[:2]
-  out_strides = list(out_strides or [1] * len(chunk_out_shapes))
-  for o, stride in zip(chunk_out_shapes, out_strides):
-    if o.shape[1] != -(-n // stride) or (reverse and stride != 1):
-      raise ValueError(f"chunk output of shape {o.shape} does not fit {n} chunks at stride "
-                       f"{stride} (reverse={reverse})")
-
-  def write_outputs(out_refs, j, outs, slot):
-    """Store chunk j's outputs at slot(j, stride); strided ones only at a stride's first chunk
-    (in the grid driver the slot's block stays resident over its stride)."""
-    for r, val, stride in zip(out_refs, outs, out_strides):
-      store = lambda r=r, val=val, stride=stride: r.__setitem__(slot(j, stride),
-                                                                val.astype(r.dtype))
-      if stride == 1:
-        store()
-      else:
-        pl.when(j % stride == 0)(store)
-
+  if snapshot_every is not None and reverse:
+    raise ValueError("carry snapshots are taken walking forward only")
   num_in, num_carry = len(chunk_inputs), len(carry_init)
-  carry_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in carry_init]
-  out_shape = list(chunk_out_shapes) + carry_shapes
   num_chunk_out = len(chunk_out_shapes)
+  carry_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in carry_init]
+  snap_shapes = []
+  if snapshot_every is not None:
+    slots = -(-n // snapshot_every)
+    snap_shapes = [jax.ShapeDtypeStruct((x.shape[0], slots) + x.shape[1:], x.dtype)
+                   for x in carry_init]
+  out_shape = list(chunk_out_shapes) + carry_shapes + snap_shapes
+
+  def split_refs(refs):
+    """(chunk inputs, carry inits, chunk outputs, final carry, snapshots)."""
+    bounds = [num_in, num_carry, num_chunk_out, num_carry, len(snap_shapes)]
+    groups, at = [], 0
+    for size in bounds:
+      groups.append(refs[at:at + size])
+      at += size
+    return groups
+
+  def store(refs, index, values):
+    for r, val in zip(refs, values):
+      r[index] = val.astype(r.dtype)
 
   if driver == "sequential_grid":
     def kernel(*refs):
-      chunk_refs, init_refs = refs[:num_in], refs[num_in:num_in + num_carry]
-      out_refs = refs[num_in + num_carry:num_in + num_carry + num_chunk_out]
-      carry_refs = refs[num_in + num_carry + num_chunk_out:]
+      chunk_refs, init_refs, out_refs, carry_refs, snap_refs = split_refs(refs)
+      j = pl.program_id(1)
 
-      @pl.when(pl.program_id(1) == 0)
+      @pl.when(j == 0)
       def _():
-        for init_ref, carry_ref in zip(init_refs, carry_refs):
-          carry_ref[...] = init_ref[...]
+        store(carry_refs, ..., [r[...] for r in init_refs])
 
-      carry, outs = body([r[...] for r in carry_refs], [r[...] for r in chunk_refs])
-      write_outputs(out_refs, pl.program_id(1), outs, lambda j, stride: ...)
-      for r, val in zip(carry_refs, carry):
-        r[...] = val.astype(r.dtype)
+      carry = [r[...] for r in carry_refs]
+      if snap_refs:   # the slot's block stays resident over its stride: write it once
+        pl.when(j % snapshot_every == 0)(lambda: store(snap_refs, ..., carry))
+      carry, outs = body(carry, [r[...] for r in chunk_refs])
+      store(out_refs, ..., outs)
+      store(carry_refs, ..., carry)
 
     def chunk_spec(shape, stride=1):
       at = (lambda i, j: (i, n - 1 - j)) if reverse else (lambda i, j: (i, j // stride))
@@ -430,8 +433,9 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
                                           lambda i, j: (i,) + (0,) * (len(shape) - 1))
     in_specs = [chunk_spec(x.shape) for x in chunk_inputs]
     in_specs += [row_spec(x.shape) for x in carry_init]
-    out_specs = [chunk_spec(o.shape, st) for o, st in zip(chunk_out_shapes, out_strides)]
+    out_specs = [chunk_spec(o.shape) for o in chunk_out_shapes]
     out_specs += [row_spec(o.shape) for o in carry_shapes]
+    out_specs += [chunk_spec(o.shape, snapshot_every) for o in snap_shapes]
     grid = (rows, n)
     compiler_params = None
     if interpret is not True:   # compiled for TPU, or the TPU interpreter (InterpretParams)
@@ -439,19 +443,37 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
       compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
   elif driver == "chunk_loop":
     def kernel(*refs):
-      chunk_refs, init_refs = refs[:num_in], refs[num_in:num_in + num_carry]
-      out_refs = refs[num_in + num_carry:num_in + num_carry + num_chunk_out]
-      carry_refs = refs[num_in + num_carry + num_chunk_out:]
+      chunk_refs, init_refs, out_refs, carry_refs, snap_refs = split_refs(refs)
 
-      def step(i, carry):
-        j = n - 1 - i if reverse else i
-        carry, outs = body(carry, [r[j] for r in chunk_refs])
-        write_outputs(out_refs, j, outs, lambda j, stride: j // stride)
-        return carry
+      def walk(first, count, carry):
+        """Chunks first .. first + count - 1 (count static) in the walking order."""
+        def step(i, carry):
+          j = n - 1 - (first + i) if reverse else first + i
+          carry, outs = body(carry, [r[j] for r in chunk_refs])
+          store(out_refs, j, outs)
+          return carry
+        return jax.lax.fori_loop(0, count, step, carry)
 
-      carry = jax.lax.fori_loop(0, n, step, [r[...] for r in init_refs])
-      for r, val in zip(carry_refs, carry):
-        r[...] = val.astype(r.dtype)
+      carry = [r[...] for r in init_refs]
+      if not snap_refs:
+        carry = walk(0, n, carry)
+      else:
+        # Snapshots by loop structure, not a per-chunk branch (Triton's lowering rejects a
+        # condition on the loop index): groups of s chunks, each snapshotted at its start,
+        # then the shorter last group.
+        s = snapshot_every
+        full, tail = divmod(n, s)
+
+        def group(g, carry):
+          store(snap_refs, g, carry)
+          return walk(g * s, s, carry)
+
+        if full:
+          carry = jax.lax.fori_loop(0, full, group, carry)
+        if tail:
+          store(snap_refs, full, carry)
+          carry = walk(full * s, tail, carry)
+      store(carry_refs, ..., carry)
 
     whole_row = lambda shape: pl.BlockSpec((None,) + tuple(shape[1:]),
                                            lambda i: (i,) + (0,) * (len(shape) - 1))
@@ -468,7 +490,9 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
   results = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
                            out_specs=out_specs, compiler_params=compiler_params,
                            interpret=interpret, name=name)(*chunk_inputs, *carry_init)
-  return list(results[:num_chunk_out]), list(results[num_chunk_out:])
+  results = list(results)
+  final_at = num_chunk_out + num_carry
+  return results[:num_chunk_out], results[num_chunk_out:final_at], results[final_at:]
 
 
 class _Static(NamedTuple):
@@ -512,26 +536,18 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
   or [] for None."""
   cd = q.dtype
   step = _carry_step(static, cd)
-  n = q.shape[1]
-  saving = save_every is not None
 
   def body(carry, chunk):
     qc, kc, vc, *coef_values = chunk
     new_carry, out = step(carry, qc, kc, vc, coef_values)
-    return new_carry, [out] + (list(carry) if saving else [])
+    return new_carry, [out]
 
-  out_shapes = [jax.ShapeDtypeStruct(q.shape, cd)]
-  strides = [1]
-  if saving:
-    slots = -(-n // save_every)
-    out_shapes += [jax.ShapeDtypeStruct((x.shape[0], slots) + x.shape[1:], x.dtype)
-                   for x in state]
-    strides += [save_every] * len(state)
-  outs, final = _sequential_call(
-      body, [q, k, v, *coefs], list(state), out_shapes, reverse=False, driver=static.driver,
-      interpret=static.interpret, gpu_params=_gpu_params(static), out_strides=strides,
+  outs, final, saved = _sequential_call(
+      body, [q, k, v, *coefs], list(state), [jax.ShapeDtypeStruct(q.shape, cd)], reverse=False,
+      driver=static.driver, interpret=static.interpret, gpu_params=_gpu_params(static),
+      snapshot_every=save_every,
       name=f"chunk_memory_fwd_{static.config.model.kind}_{static.config.rule.kind}")
-  return outs[0], final, outs[1:]
+  return outs[0], final, saved
 
 
 def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
@@ -557,7 +573,7 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
     return d_state, [dq, dk, dv] + list(d_coefs)
 
   out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
-  outs, d_init = _sequential_call(
+  outs, d_init, _ = _sequential_call(
       body, [q, k, v, *coefs, d_out, *saved_states], list(d_final), out_shapes, reverse=True,
       driver=static.driver, interpret=static.interpret,
       gpu_params=_gpu_params(static, backward=True), name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
