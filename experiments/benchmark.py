@@ -266,27 +266,13 @@ def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_bl
   return (_loss_grad(forward) if backward else forward), args, count, (glob, local.memory)
 
 
-def parse_kernel_blocks(spec: str) -> KernelBlocks:
-  """'default' or 'field=value+field=value' (integer fields; backward takes a name)."""
-  if spec == "default":
-    return KernelBlocks()
-  fields = {}
-  for item in spec.split("+"):
-    name, sep, value = item.partition("=")
-    if not sep or name not in KernelBlocks.__dataclass_fields__:
-      raise ValueError(f"--kernel_blocks entry {item!r} must be field=value with a KernelBlocks "
-                       f"field ({', '.join(KernelBlocks.__dataclass_fields__)})")
-    fields[name] = value if name == "backward" else int(value)
-  return KernelBlocks(**fields)
-
-
 def kernel_implementations():
   """(row label, implementation, KernelBlocks) per compared path: xla, then the kernel with each
   --kernel_blocks setting (the defaults labelled plain "pallas")."""
   yield "xla", "xla", None
   for spec in FLAGS.kernel_blocks:
     yield ("pallas" if spec == "default" else f"pallas/{spec}"), "pallas", \
-        parse_kernel_blocks(spec)
+        KernelBlocks.from_spec(spec)
 
 
 def run_kernel_mode(peak):

@@ -285,6 +285,16 @@ class KernelErrorsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)
 
+  def test_blocks_from_a_flag_spec(self):
+    self.assertEqual(KernelBlocks.from_spec("default"), KernelBlocks())
+    self.assertEqual(KernelBlocks.from_spec("save_every=1+backward_num_warps=4"),
+                     KernelBlocks(save_every=1, backward_num_warps=4))
+    self.assertEqual(KernelBlocks.from_spec("backward=xla"), KernelBlocks(backward="xla"))
+    with self.assertRaisesRegex(ValueError, "'warps=4' must be field=value with a KernelBlocks"):
+      KernelBlocks.from_spec("warps=4")
+    with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):
+      KernelBlocks.from_spec("save_every=0")
+
   def test_pallas_on_cpu_falls_back_to_xla_with_a_reason(self):
     if jax.default_backend() != "cpu":
       self.skipTest("checks the CPU fallback")

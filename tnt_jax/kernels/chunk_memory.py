@@ -108,6 +108,21 @@ class KernelBlocks:
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
 
+  @classmethod
+  def from_spec(cls, spec: str) -> "KernelBlocks":
+    """'default' or 'field=value+field=value' (integer fields; backward takes a name), as the
+    benchmark's --kernel_blocks flag writes them."""
+    if spec == "default":
+      return cls()
+    fields = {}
+    for item in spec.split("+"):
+      name, sep, value = item.partition("=")
+      if not sep or name not in cls.__dataclass_fields__:
+        raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
+                         f"field ({', '.join(cls.__dataclass_fields__)})")
+      fields[name] = value if name == "backward" else int(value)
+    return cls(**fields)
+
   def checkpoint_spacing(self, num_chunks: int) -> int:
     """Chunks per saved state for a row of num_chunks chunks (>= 1)."""
     if self.save_every is not None:
