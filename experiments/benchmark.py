@@ -280,11 +280,8 @@ def run_kernel_mode(peak):
   dtype = jnp.dtype(FLAGS.dtype)
   for length, head_dim, model_name, read, chunk, config in kernel_variants():
     paths = [("xla", "xla", None)] if config == "attention" else list(kernel_implementations())
-    first_kernel = next((p[0] for p in paths if p[1] == "pallas"), None)
     for label, implementation, blocks in paths:
       for pass_name in FLAGS.passes:
-        if implementation == "pallas" and pass_name == "fwd" and label != first_kernel:
-          continue   # one forward row per op: the variants compared here tune the backward
         backward = pass_name == "fwd+bwd"
         row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,
                    read=read, rule=FLAGS.rule, chunk=chunk, length=length, unroll="auto",
@@ -300,12 +297,13 @@ def run_kernel_mode(peak):
             fn, args, count, memories = tnt_memory_case(length, head_dim, dtype, backward,
                                                          implementation, blocks)
             if implementation == "pallas":
-              reasons = [kernel_fallback_reason(m, head_dim, dtype, False) for m in memories]
+              reasons = [kernel_fallback_reason(m, head_dim, dtype, False, blocks)
+                         for m in memories]
               row["fallback"] = "; ".join(f"{name}: {r}" for name, r in
                                           zip(("global", "local"), reasons) if r)
           else:
             if implementation == "pallas":
-              reason = kernel_fallback_reason(config, head_dim, dtype, False)
+              reason = kernel_fallback_reason(config, head_dim, dtype, False, blocks)
               if reason:
                 yield dict(row, fallback=reason)
                 continue

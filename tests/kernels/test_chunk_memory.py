@@ -294,6 +294,8 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks.from_spec("warps=4")
     with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):
       KernelBlocks.from_spec("save_every=0")
+    with self.assertRaisesRegex(ValueError, "'save_every=auto': save_every takes an integer"):
+      KernelBlocks.from_spec("save_every=auto")
 
   def test_pallas_on_cpu_falls_back_to_xla_with_a_reason(self):
     if jax.default_backend() != "cpu":

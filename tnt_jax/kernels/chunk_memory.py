@@ -77,8 +77,8 @@ class KernelBlocks:
     of every `save_every`-th chunk; the backward re-runs the forward kernel over one group of
     chunks at a time (saving each chunk's start state) and then walks that group in reverse, so
     the residuals are N / save_every + save_every states instead of N, for one more forward.
-    None picks round(sqrt(N)) (as ops/chunkwise.py's chunk groups); 1 saves every chunk-start
-    state and recomputes nothing (fastest, most memory).
+    None picks round(sqrt(N)) (like ops/chunkwise.py's ~sqrt(N) chunk groups); 1 saves every
+    chunk-start state and recomputes nothing (fastest, most memory).
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
@@ -120,6 +120,8 @@ class KernelBlocks:
       if not sep or name not in cls.__dataclass_fields__:
         raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
                          f"field ({', '.join(cls.__dataclass_fields__)})")
+      if name != "backward" and not value.isdigit():
+        raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
       fields[name] = value if name == "backward" else int(value)
     return cls(**fields)
 
@@ -591,7 +593,8 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   outs, d_init, _ = _sequential_call(
       body, [q, k, v, *coefs, d_out, *saved_states], list(d_final), out_shapes, reverse=True,
       driver=static.driver, interpret=static.interpret,
-      gpu_params=_gpu_params(static, backward=True), name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
+      gpu_params=_gpu_params(static, backward=True),
+      name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
   return outs[0], outs[1], outs[2], outs[3:], d_init
 
 
