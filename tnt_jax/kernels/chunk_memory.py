@@ -48,11 +48,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.extend import core as jex_core
-from jax.extend.core import primitives as jex_primitives
 
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.rules import Gates, MemoryState
+from tnt_jax.kernels.sliced_mlp import SlicedStep
+from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
+from tnt_jax.kernels.step_math import mm as _mm
+from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
 
 Array = jax.Array
@@ -79,6 +81,10 @@ class KernelBlocks:
     the residuals are N / save_every + save_every states instead of N, for one more forward.
     None picks round(sqrt(N)) (like ops/chunkwise.py's ~sqrt(N) chunk groups); 1 saves every
     chunk-start state and recomputes nothing (fastest, most memory).
+  hidden_slice: 0 carries the whole state as the chunk loop's value (in registers on GPU). h > 0
+    (a 2-layer mlp only) keeps the state in memory and streams it h hidden units at a time
+    (kernels/sliced_mlp.py): only a slice is live, so the state budget and the activation limit
+    apply to one slice. Ignored for other models.
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
@@ -91,13 +97,14 @@ class KernelBlocks:
   backward: str = "fused"
   save_every: int | None = None
   backward_num_warps: int | None = None
+  hidden_slice: int = 0
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
-                 "save_every", "backward_num_warps"):
+                 "save_every", "backward_num_warps"):   # hidden_slice: below
       value = getattr(self, name)
       if name in ("num_warps", "save_every", "backward_num_warps") and value is None:
         continue
@@ -107,6 +114,10 @@ class KernelBlocks:
       value = getattr(self, name)
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
+    slice_ = self.hidden_slice
+    if (not isinstance(slice_, int) or isinstance(slice_, bool) or slice_ < 0
+        or slice_ & (slice_ - 1)):
+      raise ValueError(f"KernelBlocks.hidden_slice={slice_!r} must be 0 (off) or a power of 2")
 
   @classmethod
   def from_spec(cls, spec: str) -> "KernelBlocks":
@@ -149,6 +160,13 @@ def kernel_chunk(chunk_size: int, driver: str) -> int:
   return max(MIN_GPU_CHUNK, 1 << (chunk_size - 1).bit_length())
 
 
+def sliced_width(model, head_dim: int, blocks: KernelBlocks) -> int:
+  """Hidden units per slice when the state is streamed from memory (0: carried as a value)."""
+  if model.kind != "mlp" or model.depth != 2 or not blocks.hidden_slice:
+    return 0
+  return min(blocks.hidden_slice, model.hidden_dim(head_dim))
+
+
 def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: str,
                        interpret: bool, blocks: KernelBlocks = KernelBlocks()) -> str | None:
   """Why the kernel cannot run this op (None when it can). Shapes and config only."""
@@ -160,23 +178,31 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
             "LayerNorm are not in the kernel)")
   if rule.kind not in ("gd", "titans"):
     return f"rule={rule.kind!r} (the kernel does gd and titans)"
-  state_bytes = sum(o * i for o, i in model.layer_shapes(head_dim).values()) * 4
+  width = sliced_width(model, head_dim, blocks)
+  shapes = model.layer_shapes(head_dim)
+  if width:
+    hidden = model.hidden_dim(head_dim)
+    if hidden % width:
+      return f"KernelBlocks.hidden_slice={width} does not divide the mlp's hidden width {hidden}"
+    shapes = {name: (width, head_dim) for name in shapes}     # one slice of each layer
+  what = f"slice of {width} hidden units" if width else "row"
+  state_bytes = sum(o * i for o, i in shapes.values()) * 4
   state_bytes *= 2 if rule.has_momentum else 1
   if state_bytes > blocks.max_state_bytes:
-    return (f"the per-row state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
+    return (f"the per-{what} state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
             f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
   if not interpret:
     # float32 operands take twice a bf16 operand's on-chip staging; measured on an H100, a
     # 128 KiB titans state in float32 asks for 241 KiB of shared memory (> 227 KiB).
     f32_limit = blocks.max_state_bytes // 4
     if jnp.dtype(dtype) == jnp.dtype(jnp.float32) and state_bytes > f32_limit:
-      return (f"the per-row state is {state_bytes} bytes > {f32_limit} "
+      return (f"the per-{what} state is {state_bytes} bytes > {f32_limit} "
               "(KernelBlocks.max_state_bytes / 4 for float32 compute)")
-    width = max(max(shape) for shape in model.layer_shapes(head_dim).values())
+    widest = max(max(shape) for shape in shapes.values())
     chunk = kernel_chunk(config.chunk_size, driver)
-    if chunk * width > blocks.max_chunk_activations:
+    if chunk * widest > blocks.max_chunk_activations:
       padded = f" (padded from {config.chunk_size})" if chunk != config.chunk_size else ""
-      return (f"chunk_size={chunk}{padded} x widest layer {width} > KernelBlocks."
+      return (f"chunk_size={chunk}{padded} x widest layer {widest} > KernelBlocks."
               f"max_chunk_activations={blocks.max_chunk_activations} (large chunks are XLA's "
               "batched matmuls)")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -184,6 +210,8 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     if driver == "chunk_loop":
       sizes = {"head_dim": head_dim}      # the chunk is padded (kernel_chunk)
       sizes.update({f"{name}.out": o for name, (o, _) in model.layer_shapes(head_dim).items()})
+      if width:
+        sizes["hidden_slice"] = width
       for name, size in sizes.items():
         if not _is_power_of_2(size) or size < 16:
           return (f"{name}={size}: the GPU lowering needs powers of 2 >= 16 for every matmul "
@@ -206,75 +234,6 @@ class ChunkCoefs(NamedTuple):
   end_x: Array
   end_ss0: Array | None
   end_sx: Array | None
-
-
-def _dot(x, y, compute_dtype, dims):
-  """dot_general with both operands in the compute dtype, accumulated in float32 (or wider).
-  float32 compute is true float32 (HIGHEST: no TF32 rounding on GPU)."""
-  acc = jnp.promote_types(compute_dtype, jnp.float32)
-  precision = (jax.lax.Precision.HIGHEST if jnp.dtype(compute_dtype) == jnp.dtype(acc)
-               else jax.lax.Precision.DEFAULT)
-  return jax.lax.dot_general(x.astype(compute_dtype), y.astype(compute_dtype), (dims, ((), ())),
-                             precision=precision, preferred_element_type=acc)
-
-
-_NN, _NT = ((1,), (0,)), ((1,), (1,))
-
-
-def _mm(x, y, compute_dtype, transpose_y=False):
-  """x @ y (or x @ y^T) in the compute dtype, accumulated in float32+."""
-  return _dot(x, y, compute_dtype, _NT if transpose_y else _NN)
-
-
-def _one_dtype_per_matmul(fn):
-  """fn, evaluated with every matmul's operands cast to the narrower of their two dtypes.
-
-  Autodiff transposes a bf16 x bf16 -> float32 matmul into float32-cotangent x bf16 matmuls;
-  the GPU (Triton) lowering needs one operand dtype. Rounding the cotangent to the compute dtype
-  is what the forward does to its own operands. A no-op when the compute dtype is float32+.
-  """
-  def wrapped(*args):
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree.leaves(args))
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
-  return wrapped
-
-
-def _eval_jaxpr(jaxpr, consts, args):
-  env = {}
-  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
-  for var, val in list(zip(jaxpr.constvars, consts)) + list(zip(jaxpr.invars, args)):
-    env[var] = val
-  for eqn in jaxpr.eqns:
-    values = [read(v) for v in eqn.invars]
-    if eqn.primitive is jex_primitives.dot_general_p and values[0].dtype != values[1].dtype:
-      narrow = min((x.dtype for x in values), key=lambda dt: jnp.dtype(dt).itemsize)
-      values = [x.astype(narrow) for x in values]
-    params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, params = params if isinstance(params, tuple) else ((), params)  # older jax: a pair
-    outs = eqn.primitive.bind(*subfuns, *values, **params)
-    for var, val in zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]):
-      env[var] = val
-  return [read(v) for v in jaxpr.outvars]
-
-
-def _act_and_grad(name: str, z):
-  """(act(z), act'(z)) written out, so the kernel holds no jax.grad."""
-  if name == "gelu":   # tanh approximation, as jax.nn.gelu's default
-    c = 0.7978845608028654
-    inner = c * (z + 0.044715 * z * z * z)
-    th = jnp.tanh(inner)
-    dinner = c * (1.0 + 3 * 0.044715 * z * z)
-    return 0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * (1.0 - th * th) * dinner
-  if name == "silu":
-    s = jax.nn.sigmoid(z)
-    return z * s, s * (1.0 + z * (1.0 - s))
-  if name == "relu":
-    return jnp.maximum(z, 0.0), jnp.where(z > 0, 1.0, 0.0).astype(z.dtype)
-  if name == "tanh":
-    t = jnp.tanh(z)
-    return t, 1.0 - t * t
-  raise ValueError(f"activation={name!r} has no kernel derivative")
 
 
 def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
@@ -389,8 +348,40 @@ def _state_rows(tree_layers: dict, names, acc):
 # ----------------------------------------------------------------------------- drivers
 
 
+class _ChunkView:
+  """Chunk j of a row ref, indexed like the chunk itself (j None: the ref is the chunk block)."""
+
+  def __init__(self, ref, j):
+    self.ref, self.j = ref, j
+    self.dtype = ref.dtype
+
+  def _at(self, index):
+    index = index if isinstance(index, tuple) else (index,)
+    if self.j is None:
+      return index
+    return (self.j,) if index == (Ellipsis,) else (self.j,) + index
+
+  def __getitem__(self, index):
+    return self.ref[self._at(index)]
+
+  def __setitem__(self, index, value):
+    self.ref[self._at(index)] = value
+
+
+def _copy_state(dst_refs, src_refs, sync):
+  """dst[...] = src[...] per ref, a band of rows at a time (a whole state as one value spills)."""
+  for dst, src in zip(dst_refs, src_refs):
+    rows, cols = src.ref.shape[-2:] if isinstance(src, _ChunkView) else src.shape[-2:]
+    band = min(rows, max(1, 4096 // cols))
+    for start in range(0, rows, band):
+      index = (pl.ds(start, min(band, rows - start)), slice(None))
+      dst[index] = src[index].astype(dst.dtype)
+  sync()
+
+
 def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
-                     interpret, gpu_params, name, snapshot_every=None):
+                     interpret, gpu_params, name, snapshot_every=None, carry_in_refs=False,
+                     sync=lambda: None):
   """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
   chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
@@ -398,6 +389,10 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
   body(carry: list, chunk_values: list) -> (carry, chunk_outputs). snapshot_every=s (forward
   only) also returns the carry at the start of chunks 0, s, 2s, ... ([R, ceil(N / s), ...]).
   Returns (chunk_outputs, final carry, snapshots) as lists (snapshots [] without s).
+
+  carry_in_refs: the carry lives in the final-carry output refs instead of values, and
+  body(carry_refs, chunk_views: list[_ChunkView]) -> chunk_outputs updates it in place (loading
+  what it needs when it needs it); sync() runs after every chunk and state copy.
   """
   rows, n = chunk_inputs[0].shape[:2]
   if snapshot_every is not None and reverse:
@@ -432,8 +427,16 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
 
       @pl.when(j == 0)
       def _():
-        store(carry_refs, ..., [r[...] for r in init_refs])
+        if carry_in_refs:
+          _copy_state(carry_refs, init_refs, sync)
+        else:
+          store(carry_refs, ..., [r[...] for r in init_refs])
 
+      if carry_in_refs:
+        if snap_refs:
+          pl.when(j % snapshot_every == 0)(lambda: _copy_state(snap_refs, carry_refs, sync))
+        store(out_refs, ..., body(carry_refs, [_ChunkView(r, None) for r in chunk_refs]))
+        return
       carry = [r[...] for r in carry_refs]
       if snap_refs:   # the slot's block stays resident over its stride: write it once
         pl.when(j % snapshot_every == 0)(lambda: store(snap_refs, ..., carry))
@@ -466,12 +469,23 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
         """Chunks first .. first + count - 1 (count static) in the walking order."""
         def step(i, carry):
           j = n - 1 - (first + i) if reverse else first + i
-          carry, outs = body(carry, [r[j] for r in chunk_refs])
-          store(out_refs, j, outs)
+          if carry_in_refs:
+            store(out_refs, j, body(carry_refs, [_ChunkView(r, j) for r in chunk_refs]))
+            sync()
+          else:
+            carry, outs = body(carry, [r[j] for r in chunk_refs])
+            store(out_refs, j, outs)
           return carry
         return jax.lax.fori_loop(0, count, step, carry)
 
-      carry = [r[...] for r in init_refs]
+      if carry_in_refs:
+        _copy_state(carry_refs, init_refs, sync)
+        carry = ()          # the state is in carry_refs
+      else:
+        carry = [r[...] for r in init_refs]
+      save = lambda g, carry: (
+          _copy_state([_ChunkView(r, g) for r in snap_refs], carry_refs, sync) if carry_in_refs
+          else store(snap_refs, g, carry))
       if not snap_refs:
         carry = walk(0, n, carry)
       else:
@@ -482,15 +496,16 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
         full, tail = divmod(n, s)
 
         def group(g, carry):
-          store(snap_refs, g, carry)
+          save(g, carry)
           return walk(g * s, s, carry)
 
         if full:
           carry = jax.lax.fori_loop(0, full, group, carry)
         if tail:
-          store(snap_refs, full, carry)
+          save(full, carry)
           carry = walk(full * s, tail, carry)
-      store(carry_refs, ..., carry)
+      if not carry_in_refs:
+        store(carry_refs, ..., carry)
 
     whole_row = lambda shape: pl.BlockSpec((None,) + tuple(shape[1:]),
                                            lambda i: (i,) + (0,) * (len(shape) - 1))
@@ -547,23 +562,54 @@ def _gpu_params(static: _Static, backward: bool = False) -> dict:
   return dict(num_warps=num_warps, num_stages=static.blocks.num_stages)
 
 
+def _sliced_step(static: _Static, head_dim: int, compute_dtype):
+  """The slice-streaming chunk step (kernels/sliced_mlp.py), or None to carry the state as a
+  value."""
+  model = static.config.model
+  width = sliced_width(model, head_dim, static.blocks)
+  if not width:
+    return None
+  return SlicedStep(static.config, static.coef_fields, static.has_momentum, width,
+                    model.hidden_dim(head_dim), compute_dtype, _sync(static))
+
+
+def _sync(static: _Static):
+  """A barrier across the program's threads: compiled GPU only (elsewhere a program's refs are
+  read and written by one thread of control, and the interpreter has no barrier)."""
+  if static.driver == "chunk_loop" and static.interpret is False:
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.debug_barrier
+  return lambda: None
+
+
+def _kernel_name(direction: str, static: _Static, sliced) -> str:
+  layout = f"_sliced{sliced.width}" if sliced is not None else ""
+  return f"chunk_memory_{direction}_{static.config.model.kind}_{static.config.rule.kind}{layout}"
+
+
 def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None):
   """Kernel forward on the row layout: (out [R, N, C, d], final state, saved), saved being the
   start states of chunks 0, s, 2s, ... ([R, ceil(N / s), out, in] per layer) for save_every=s,
   or [] for None."""
   cd = q.dtype
-  step = _carry_step(static, cd)
+  sliced = _sliced_step(static, q.shape[-1], cd)
+  if sliced is not None:
+    def body(carry_refs, chunk):
+      qc, kc, vc, *coef_values = (view[...] for view in chunk)
+      return [sliced.forward(carry_refs, qc, kc, vc, coef_values)]
+  else:
+    step = _carry_step(static, cd)
 
-  def body(carry, chunk):
-    qc, kc, vc, *coef_values = chunk
-    new_carry, out = step(carry, qc, kc, vc, coef_values)
-    return new_carry, [out]
+    def body(carry, chunk):
+      qc, kc, vc, *coef_values = chunk
+      new_carry, out = step(carry, qc, kc, vc, coef_values)
+      return new_carry, [out]
 
   outs, final, saved = _sequential_call(
       body, [q, k, v, *coefs], list(state), [jax.ShapeDtypeStruct(q.shape, cd)], reverse=False,
       driver=static.driver, interpret=static.interpret, gpu_params=_gpu_params(static),
-      snapshot_every=save_every,
-      name=f"chunk_memory_fwd_{static.config.model.kind}_{static.config.rule.kind}")
+      snapshot_every=save_every, carry_in_refs=sliced is not None, sync=_sync(static),
+      name=_kernel_name("fwd", static, sliced))
   return outs[0], final, saved
 
 
@@ -571,8 +617,15 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   """Fused backward: walk the chunks in reverse, the vjp of one chunk step at its saved
   chunk-start state, carrying the state's cotangent on chip."""
   cd = q.dtype
-  step = _carry_step(static, cd)
   num_coefs = len(coefs)
+  sliced = _sliced_step(static, q.shape[-1], cd)
+  if sliced is not None:
+    def sliced_body(d_carry_refs, chunk):
+      qc, kc, vc, *coef_values, d_out_c = (view[...] for view in chunk[:4 + num_coefs])
+      dq, dk, dv, d_coefs = sliced.backward(chunk[4 + num_coefs:], d_carry_refs, qc, kc, vc,
+                                            coef_values, d_out_c)
+      return [dq, dk, dv] + list(d_coefs)
+  step = _carry_step(static, cd)
 
   def body(d_carry, chunk):
     qc, kc, vc = chunk[:3]
@@ -591,10 +644,11 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
 
   out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
   outs, d_init, _ = _sequential_call(
-      body, [q, k, v, *coefs, d_out, *saved_states], list(d_final), out_shapes, reverse=True,
-      driver=static.driver, interpret=static.interpret,
-      gpu_params=_gpu_params(static, backward=True),
-      name=f"chunk_memory_bwd_{static.config.model.kind}_{static.config.rule.kind}")
+      sliced_body if sliced is not None else body, [q, k, v, *coefs, d_out, *saved_states],
+      list(d_final), out_shapes, reverse=True, driver=static.driver,
+      interpret=static.interpret, gpu_params=_gpu_params(static, backward=True),
+      carry_in_refs=sliced is not None, sync=_sync(static),
+      name=_kernel_name("bwd", static, sliced))
   return outs[0], outs[1], outs[2], outs[3:], d_init
 
 
