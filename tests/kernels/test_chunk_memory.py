@@ -145,6 +145,27 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     self._check(config, 64, dtype, _seed("save_every", save_every),
                 blocks=KernelBlocks(save_every=save_every), length=7 * CHUNK + 5)
 
+  @parameterized.parameters(
+      ("titans_cumulative", "l2", None), ("gd_cumulative", "dot", None),
+      ("titans_chunk_start", "dot", None), ("gd_chunk_start", "l2", None),
+      ("titans_cumulative", "l2", 3))
+  def test_state_streamed_in_hidden_slices(self, rule_read, loss, save_every):
+    # hidden 128 in 4 slices of 32 (kernels/sliced_mlp.py); save_every 3 over 8 chunks also
+    # re-runs groups from saved states.
+    rule, read = RULE_READS[rule_read]
+    memory = MemoryModel("mlp", depth=2, expansion=2.0, activation="gelu")
+    config = MemoryConfig(memory, UpdateRule(rule), loss, read, CHUNK)
+    length = LENGTH if save_every is None else 7 * CHUNK + 5
+    self._check(config, 64, self.DTYPES[0], _seed("sliced", rule_read, loss, save_every),
+                blocks=KernelBlocks(hidden_slice=32, save_every=save_every), length=length)
+
+  def test_state_streamed_in_hidden_slices_head_dim_128(self):
+    # A 1 MiB titans state (d 128, hidden 512): too big to carry, runs as 16 slices of 32.
+    memory = MemoryModel("mlp", depth=2, expansion=4.0, activation="silu")
+    config = MemoryConfig(memory, UpdateRule("titans"), "l2", "cumulative", CHUNK)
+    dtype = "bfloat16" if "bfloat16" in self.DTYPES else self.DTYPES[0]
+    self._check(config, 128, dtype, _seed("sliced", 128), blocks=KernelBlocks(hidden_slice=32))
+
   def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
     config = _config("linear", "titans_cumulative")
     args = _inputs(config, 64, getattr(jnp, self.DTYPES[0]), 4, 7 * CHUNK + 5)
@@ -268,6 +289,21 @@ class KernelErrorsTest(parameterized.TestCase):
     self.assertEqual(chunk_memory.kernel_chunk(24, "chunk_loop"), 32)
     self.assertEqual(chunk_memory.kernel_chunk(24, "sequential_grid"), 24)
     self.assertIsNone(reason(MemoryConfig(MODELS["mlp"], UpdateRule("titans"), chunk_size=8), 64))
+    # Streamed in slices, the budgets apply to one slice of each layer.
+    sliced = lambda config, d, width, dtype=jnp.bfloat16: chunk_memory.unsupported_reason(
+        config, d, dtype, driver="chunk_loop", interpret=False,
+        blocks=KernelBlocks(hidden_slice=width))
+    self.assertIsNone(sliced(big, 128, 32))
+    self.assertIn("state of a 64-unit hidden slice is 131072 bytes > 65536",
+                  sliced(big, 128, 64, jnp.float32))
+    odd = MemoryConfig(MemoryModel("mlp", expansion=1.5), UpdateRule("gd"), chunk_size=16)
+    self.assertIn("hidden_slice=64 does not divide the mlp's hidden width 96",
+                  sliced(odd, 64, 64))
+    self.assertIn("chunk_size=64 x widest layer 128", sliced(
+        MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("gd"), chunk_size=64), 64,
+        128))
+    self.assertEqual(chunk_memory.sliced_width(MODELS["linear"], 64, KernelBlocks(
+        hidden_slice=32)), 0)
     wide = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("gd"), chunk_size=24)
     self.assertIn("chunk_size=32 (padded from 24) x widest layer 256",
                   reason(wide, 64, jnp.bfloat16))
@@ -281,6 +317,8 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks(max_chunk_activations=0)
     with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):
       KernelBlocks(save_every=0)
+    with self.assertRaisesRegex(ValueError, "hidden_slice=48 must be 0 .off. or a power of 2"):
+      KernelBlocks(hidden_slice=48)
     config = _config("linear", "gd_cumulative")
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)
@@ -290,6 +328,8 @@ class KernelErrorsTest(parameterized.TestCase):
     self.assertEqual(KernelBlocks.from_spec("save_every=1+backward_num_warps=4"),
                      KernelBlocks(save_every=1, backward_num_warps=4))
     self.assertEqual(KernelBlocks.from_spec("backward=xla"), KernelBlocks(backward="xla"))
+    self.assertEqual(KernelBlocks.from_spec("hidden_slice=64+num_warps=4"),
+                     KernelBlocks(hidden_slice=64, num_warps=4))
     with self.assertRaisesRegex(ValueError, "'warps=4' must be field=value with a KernelBlocks"):
       KernelBlocks.from_spec("warps=4")
     with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):

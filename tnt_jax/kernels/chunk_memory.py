@@ -185,18 +185,18 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     if hidden % width:
       return f"KernelBlocks.hidden_slice={width} does not divide the mlp's hidden width {hidden}"
     shapes = {name: (width, head_dim) for name in shapes}     # one slice of each layer
-  what = f"slice of {width} hidden units" if width else "row"
+  what = f"state of a {width}-unit hidden slice" if width else "per-row state"
   state_bytes = sum(o * i for o, i in shapes.values()) * 4
   state_bytes *= 2 if rule.has_momentum else 1
   if state_bytes > blocks.max_state_bytes:
-    return (f"the per-{what} state is {state_bytes} bytes > KernelBlocks.max_state_bytes="
+    return (f"the {what} is {state_bytes} bytes > KernelBlocks.max_state_bytes="
             f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
   if not interpret:
     # float32 operands take twice a bf16 operand's on-chip staging; measured on an H100, a
     # 128 KiB titans state in float32 asks for 241 KiB of shared memory (> 227 KiB).
     f32_limit = blocks.max_state_bytes // 4
     if jnp.dtype(dtype) == jnp.dtype(jnp.float32) and state_bytes > f32_limit:
-      return (f"the per-{what} state is {state_bytes} bytes > {f32_limit} "
+      return (f"the {what} is {state_bytes} bytes > {f32_limit} "
               "(KernelBlocks.max_state_bytes / 4 for float32 compute)")
     widest = max(max(shape) for shape in shapes.values())
     chunk = kernel_chunk(config.chunk_size, driver)
