@@ -160,11 +160,11 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
                 blocks=KernelBlocks(hidden_slice=32, save_every=save_every), length=length)
 
   def test_state_streamed_in_hidden_slices_head_dim_128(self):
-    # A 1 MiB titans state (d 128, hidden 512): too big to carry, runs as 16 slices of 32.
-    memory = MemoryModel("mlp", depth=2, expansion=4.0, activation="silu")
+    # A 512 KiB titans state (d 128, hidden 256): too big to carry, runs as 4 slices of 64.
+    memory = MemoryModel("mlp", depth=2, expansion=2.0, activation="silu")
     config = MemoryConfig(memory, UpdateRule("titans"), "l2", "cumulative", CHUNK)
     dtype = "bfloat16" if "bfloat16" in self.DTYPES else self.DTYPES[0]
-    self._check(config, 128, dtype, _seed("sliced", 128), blocks=KernelBlocks(hidden_slice=32))
+    self._check(config, 128, dtype, _seed("sliced", 128), blocks=KernelBlocks(hidden_slice=64))
 
   def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
     config = _config("linear", "titans_cumulative")
