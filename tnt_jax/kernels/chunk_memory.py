@@ -20,6 +20,8 @@ Drivers (one chunk step, `_chunk_step`, shared by all):
                      unchanged. Mosaic TPU, and interpret mode anywhere.
   "chunk_loop"       grid (batch*heads,); a fori_loop over chunks inside the program with the state
                      as the loop carry (registers). GPU (Pallas' Triton lowering), and interpret.
+With KernelBlocks.hidden_slice a 2-layer mlp's state instead stays in the final-state buffer and
+each step streams it in hidden-unit slices (kernels/sliced_mlp.py; opt-in, measured slower).
 
 Backward (`jax.custom_vjp` on the row layout; layout changes and the gate coefficients around it
 are plain JAX, so their gradients come from autodiff):
@@ -627,7 +629,7 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
       return [dq, dk, dv] + list(d_coefs)
   step = _carry_step(static, cd)
 
-  def body(d_carry, chunk):
+  def carried_body(d_carry, chunk):
     qc, kc, vc = chunk[:3]
     coef_values = chunk[3:3 + num_coefs]
     d_out_c = chunk[3 + num_coefs]
@@ -644,7 +646,7 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
 
   out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
   outs, d_init, _ = _sequential_call(
-      sliced_body if sliced is not None else body, [q, k, v, *coefs, d_out, *saved_states],
+      sliced_body if sliced is not None else carried_body, [q, k, v, *coefs, d_out, *saved_states],
       list(d_final), out_shapes, reverse=True, driver=static.driver,
       interpret=static.interpret, gpu_params=_gpu_params(static, backward=True),
       carry_in_refs=sliced is not None, sync=_sync(static),
