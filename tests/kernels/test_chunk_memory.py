@@ -166,6 +166,22 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     dtype = "bfloat16" if "bfloat16" in self.DTYPES else self.DTYPES[0]
     self._check(config, 128, dtype, _seed("sliced", 128), blocks=KernelBlocks(hidden_slice=64))
 
+  @parameterized.parameters(
+      ("linear", "titans_cumulative", "l2", 64, CHUNK, None),
+      ("mlp", "titans_cumulative", "l2", 64, CHUNK, 3),
+      ("mlp", "gd_chunk_start", "dot", 64, CHUNK, None),
+      ("mlp", "gd_cumulative", "l2", 64, 8, None),
+      ("mlp", "titans_cumulative", "l2", 128, CHUNK, None))
+  def test_feature_major_layout(self, model, rule_read, loss, head_dim, chunk, save_every):
+    # KernelBlocks(layout="features"): the same step on [width, C] activations (so the feature
+    # width is each matmul's M); groups of 3 over 8 chunks, and chunks padded from 8, included.
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MODELS[model], UpdateRule(rule), loss, read, chunk)
+    dtype = "bfloat16" if head_dim == 128 and "bfloat16" in self.DTYPES else self.DTYPES[0]
+    length = 45 if save_every is None else 7 * CHUNK + 5
+    self._check(config, head_dim, dtype, _seed("features", model, rule_read, head_dim, chunk),
+                blocks=KernelBlocks(layout="features", save_every=save_every), length=length)
+
   def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
     config = _config("linear", "titans_cumulative")
     args = _inputs(config, 64, getattr(jnp, self.DTYPES[0]), 4, 7 * CHUNK + 5)
@@ -319,6 +335,10 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks(save_every=0)
     with self.assertRaisesRegex(ValueError, "hidden_slice=48 must be 0 .off. or a power of 2"):
       KernelBlocks(hidden_slice=48)
+    with self.assertRaisesRegex(ValueError, "layout='rows' is unknown"):
+      KernelBlocks(layout="rows")
+    with self.assertRaisesRegex(ValueError, "hidden_slice=64 streams a token-major state"):
+      KernelBlocks(hidden_slice=64, layout="features")
     config = _config("linear", "gd_cumulative")
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)
@@ -330,6 +350,8 @@ class KernelErrorsTest(parameterized.TestCase):
     self.assertEqual(KernelBlocks.from_spec("backward=xla"), KernelBlocks(backward="xla"))
     self.assertEqual(KernelBlocks.from_spec("hidden_slice=64+num_warps=4"),
                      KernelBlocks(hidden_slice=64, num_warps=4))
+    self.assertEqual(KernelBlocks.from_spec("layout=features+save_every=1"),
+                     KernelBlocks(layout="features", save_every=1))
     with self.assertRaisesRegex(ValueError, "'warps=4' must be field=value with a KernelBlocks"):
       KernelBlocks.from_spec("warps=4")
     with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):

@@ -54,8 +54,8 @@ from jax.experimental import pallas as pl
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.rules import Gates, MemoryState
 from tnt_jax.kernels.sliced_mlp import SlicedStep
+from tnt_jax.kernels.step_math import LAYOUTS, ChunkLayout
 from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
-from tnt_jax.kernels.step_math import mm as _mm
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
 
@@ -87,6 +87,10 @@ class KernelBlocks:
     (a 2-layer mlp only) keeps the state in memory and streams it h hidden units at a time
     (kernels/sliced_mlp.py): only a slice is live, so the state budget and the activation limit
     apply to one slice. Ignored for other models.
+  layout: how a chunk's activations are laid out in the step (step_math.ChunkLayout):
+    "tokens" ([C, width], the C tokens as every matmul's M dimension) or "features" ([width, C],
+    the feature width as M: 64-256 rows, the shape Hopper's wgmma takes). Same math; the
+    carried-state step only (hidden_slice must be 0).
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
@@ -100,11 +104,15 @@ class KernelBlocks:
   save_every: int | None = None
   backward_num_warps: int | None = None
   hidden_slice: int = 0
+  layout: str = "tokens"
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
+                       f"{LAYOUTS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
                  "save_every", "backward_num_warps"):   # hidden_slice: below
       value = getattr(self, name)
@@ -120,11 +128,14 @@ class KernelBlocks:
     if (not isinstance(slice_, int) or isinstance(slice_, bool) or slice_ < 0
         or slice_ & (slice_ - 1)):
       raise ValueError(f"KernelBlocks.hidden_slice={slice_!r} must be 0 (off) or a power of 2")
+    if slice_ and self.layout != "tokens":
+      raise ValueError(f"KernelBlocks.hidden_slice={slice_} streams a token-major state; "
+                       f"layout={self.layout!r} needs hidden_slice=0")
 
   @classmethod
   def from_spec(cls, spec: str) -> "KernelBlocks":
-    """'default' or 'field=value+field=value' (integer fields; backward takes a name), as the
-    benchmark's --kernel_blocks flag writes them."""
+    """'default' or 'field=value+field=value' (integer fields; backward and layout take a name),
+    as the benchmark's --kernel_blocks flag writes them."""
     if spec == "default":
       return cls()
     fields = {}
@@ -133,9 +144,10 @@ class KernelBlocks:
       if not sep or name not in cls.__dataclass_fields__:
         raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
                          f"field ({', '.join(cls.__dataclass_fields__)})")
-      if name != "backward" and not value.isdigit():
+      named = name in ("backward", "layout")
+      if not named and not value.isdigit():
         raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
-      fields[name] = value if name == "backward" else int(value)
+      fields[name] = value if named else int(value)
     return cls(**fields)
 
   def checkpoint_spacing(self, num_chunks: int) -> int:
@@ -239,20 +251,21 @@ class ChunkCoefs(NamedTuple):
 
 
 def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
-                config: MemoryConfig, compute_dtype):
+                config: MemoryConfig, compute_dtype, layout: str = "tokens"):
   """One chunk of one row. weights/momentum: [out, in] float32 per layer (in layer order);
-  q, k, v: [C, d]. Returns (weights', momentum', out [C, d] float32)."""
+  q, k, v: [C, d] ("tokens" layout) or [d, C] ("features"; the coefficients then transposed,
+  `coefs_in_layout`). Returns (weights', momentum', out float32 in the layout of q)."""
   acc = jnp.promote_types(compute_dtype, jnp.float32)
   depth = len(weights)
   act = config.model.activation
-  mm = lambda x, y, transpose_y=False: _mm(x, y, compute_dtype, transpose_y)
+  lay = ChunkLayout(layout, compute_dtype)
 
   # Keys: forward at W0, keeping each layer's input and pre-activation.
   inputs, pre = [], []
   x = k.astype(acc)
   for i, w in enumerate(weights):
     inputs.append(x)
-    z = mm(x, w, transpose_y=True)
+    z = lay.apply(w, x)
     pre.append(z)
     x = _act_and_grad(act, z)[0] if i < depth - 1 else z
   v = v.astype(acc)
@@ -263,24 +276,24 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
   for i in reversed(range(depth)):
     deltas[i] = delta
     if i:
-      delta = mm(delta, weights[i]) * _act_and_grad(act, pre[i - 1])[1]
+      delta = lay.apply_transposed(weights[i], delta) * _act_and_grad(act, pre[i - 1])[1]
 
   # Read.
   x = q.astype(acc)
   for i, w in enumerate(weights):
     if config.read == "cumulative":
-      z = c.read_w0 * mm(x, w, transpose_y=True)
+      z = c.read_w0 * lay.apply(w, x)
       if momentum is not None:
-        z = z + c.read_s0 * mm(x, momentum[i], transpose_y=True)
-      scores = c.read_x * mm(x, inputs[i], transpose_y=True)
-      z = z + mm(scores, deltas[i])
+        z = z + c.read_s0 * lay.apply(momentum[i], x)
+      scores = c.read_x * lay.scores(x, inputs[i])
+      z = z + lay.mix(scores, deltas[i])
     else:
-      z = mm(x, w, transpose_y=True)
+      z = lay.apply(w, x)
     x = _act_and_grad(act, z)[0] if i < depth - 1 else z
   out = x
 
-  # Update: sum_j coef_j delta_j a_j^T = (coef * delta)^T a.
-  outer = lambda coef, i: mm((coef * deltas[i]).T, inputs[i])
+  # Update: sum_j coef_j delta_j a_j^T.
+  outer = lambda coef, i: lay.outer(coef * deltas[i], inputs[i])
   new_weights, new_momentum = [], None if momentum is None else []
   for i, w in enumerate(weights):
     w1 = c.end_w0 * w + outer(c.end_x, i)
@@ -289,6 +302,17 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
       new_momentum.append(c.end_ss0 * momentum[i] + outer(c.end_sx, i))
     new_weights.append(w1)
   return new_weights, new_momentum, out
+
+
+def coefs_in_layout(coefs: ChunkCoefs, layout: str) -> ChunkCoefs:
+  """The coefficients as `_chunk_step` takes them in this layout: per-token columns [.., C, 1]
+  become rows [.., 1, C] and the read's score weights [t, j] become [j, t] for "features"."""
+  if layout == "tokens":
+    return coefs
+  swap = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
+  return coefs._replace(read_w0=swap(coefs.read_w0), read_s0=swap(coefs.read_s0),
+                        read_x=swap(coefs.read_x), end_x=swap(coefs.end_x),
+                        end_sx=swap(coefs.end_sx))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -551,7 +575,8 @@ def _carry_step(static: _Static, compute_dtype):
     coefs = ChunkCoefs(**{f: given.get(f) for f in ChunkCoefs._fields})
     momentum = list(carry[depth:]) if static.has_momentum else None
     new_w, new_s, out = _chunk_step(list(carry[:depth]), momentum, q, k, v, coefs,
-                                    config=static.config, compute_dtype=compute_dtype)
+                                    config=static.config, compute_dtype=compute_dtype,
+                                    layout=static.blocks.layout)
     return new_w + (new_s or []), out
 
   return step
@@ -741,8 +766,9 @@ def _reference_rows(static: _Static, q, k, v, coefs, state):
 
 def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState,
               config: MemoryConfig, padded_chunk: int | None = None, **static_kw):
-  """Lay the op out as rows (each chunk padded to padded_chunk tokens), run
-  `row_fn(static, q, k, v, coefs, state)`, and lay it back."""
+  """Lay the op out as rows (each chunk padded to padded_chunk tokens; [R, N, C, d], or
+  [R, N, d, C] for KernelBlocks.layout "features"), run `row_fn(static, q, k, v, coefs, state)`,
+  and lay it back."""
   b, t, h, d = q_BxTxHxD.shape
   chunk = config.chunk_size
   padded_chunk = padded_chunk or chunk
@@ -753,14 +779,21 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   q, k, v = (_pad_chunks(_rows(x, n, chunk), padded_chunk)
              for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
   coefs = chunk_coefficients(gates, config, t, acc, padded_chunk)
+  static = _Static(config, (), 0, False, **static_kw)
+  feature_major = static.blocks.layout == "features"
+  if feature_major:
+    q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))
+    coefs = coefs_in_layout(coefs, static.blocks.layout)
   coef_fields = tuple(f for f in ChunkCoefs._fields if getattr(coefs, f) is not None)
   has_s = state.momentum is not None
   rows_state = _state_rows(state.weights, names, acc)
   if has_s:
     rows_state += _state_rows(state.momentum, names, acc)
-  static = _Static(config, coef_fields, len(names), has_s, **static_kw)
+  static = static._replace(coef_fields=coef_fields, depth=len(names), has_momentum=has_s)
   out_rows, final_rows = row_fn(static, q, k, v, [getattr(coefs, f) for f in coef_fields],
                                 rows_state)
+  if feature_major:
+    out_rows = jnp.swapaxes(out_rows, -1, -2)
   out_rows = out_rows[:, :, :chunk]        # drop the padded tokens' reads
   out = jnp.moveaxis(out_rows.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
   unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}

@@ -80,3 +80,45 @@ def act_and_grad(name: str, z):
     t = jnp.tanh(z)
     return t, 1.0 - t * t
   raise ValueError(f"activation={name!r} has no kernel derivative")
+
+
+_TN = ((0,), (0,))
+LAYOUTS = ("tokens", "features")
+
+
+class ChunkLayout:
+  """The matmuls of a chunk step for one layout of its activations.
+
+  "tokens":   an activation is [C, width]; the chunk's C tokens are every matmul's M dimension
+              (16 rows at C = 16: Triton's mma.sync tiles).
+  "features": an activation is [width, C]; the feature width (64-256) is M and the tokens are N
+              (the shape Hopper's 64-row wgmma takes). Per-token coefficients are then [1, C]
+              rows and the score matrix is stored transposed ([j, t]).
+  The same math either way: W is [out, in] in both, and every product below is the same sum.
+  """
+
+  def __init__(self, name: str, compute_dtype):
+    if name not in LAYOUTS:
+      raise ValueError(f"layout={name!r} is unknown; expected one of {LAYOUTS}")
+    self.tokens = name == "tokens"
+    self.cd = compute_dtype
+
+  def apply(self, w, x):
+    """A layer's pre-activation x W^T."""
+    return mm(x, w, self.cd, transpose_y=True) if self.tokens else mm(w, x, self.cd)
+
+  def apply_transposed(self, w, delta):
+    """The cotangent pulled back through a layer: delta W."""
+    return mm(delta, w, self.cd) if self.tokens else dot(w, delta, self.cd, _TN)
+
+  def scores(self, x, a):
+    """x_t . a_j for reader t and key j: [t, j] (tokens) or [j, t] (features)."""
+    return mm(x, a, self.cd, transpose_y=True) if self.tokens else dot(a, x, self.cd, _TN)
+
+  def mix(self, scores, delta):
+    """sum_j scores[t, j] delta_j for every reader t."""
+    return mm(scores, delta, self.cd) if self.tokens else mm(delta, scores, self.cd)
+
+  def outer(self, u, a):
+    """sum_j u_j a_j^T: [out, in]."""
+    return mm(u.T, a, self.cd) if self.tokens else mm(u, a, self.cd, transpose_y=True)
