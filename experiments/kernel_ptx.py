@@ -40,6 +40,12 @@ def find_ptxas():
   return None
 
 
+def _is_ptx(path: str) -> bool:
+  with open(path, errors="replace") as f:
+    head = f.read(4096)
+  return ".target sm_" in head or path.endswith(".ptx")
+
+
 def ptx_entries(text: str) -> dict:
   """{kernel name: its PTX body} for every .entry in a PTX module."""
   starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry\s+(\w+)", text)]
@@ -74,7 +80,8 @@ def main(argv):
   dump = FLAGS.dump_dir
   shutil.rmtree(dump, ignore_errors=True)
   # Read when the GPU client starts, i.e. at the first compile below.
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
+                             " --xla_gpu_dump_llvmir=true")
   import jax
   import jax.numpy as jnp
   if jax.default_backend() != "gpu":
@@ -96,7 +103,9 @@ def main(argv):
           fn.__name__ = fn.__qualname__ = tag
           args = benchmark.op_inputs(config, b, length, h, head_dim, dtype)
           jax.jit(fn).lower(*args).compile()
-          paths = sorted(glob.glob(os.path.join(dump, f"*{tag}*.ptx")))
+          paths = [path for path in sorted(glob.glob(os.path.join(dump, "**", f"*{tag}*"),
+                                                      recursive=True))
+                   if os.path.isfile(path) and _is_ptx(path)]
           print(f"== {tag}: {len(paths)} PTX file(s)")
           for path in paths:
             report = ptxas_report(ptxas, path) if ptxas else {"ptxas": "not found"}
