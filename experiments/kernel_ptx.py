@@ -1,10 +1,11 @@
 """What the GPU compiler made of the fused kernel: per kernel, its matrix instructions and spills.
 
-Compiles the kernel-mode cases of experiments/benchmark.py (same flags: --models, --reads,
---chunks, --head_dims, --lengths (the first), --kernel_blocks, --passes) with XLA dumping its PTX,
-then reports for every `chunk_memory_*` kernel: Hopper wgmma vs mma.sync instructions in the PTX,
-and ptxas' registers, stack frame and spill bytes (ptxas from the CUDA toolkit jax ships with).
-GPU only; costs compile time, not run time.
+Lowers the kernel-mode cases of experiments/benchmark.py (same flags: --models, --reads,
+--chunks, --head_dims, --lengths (the first), --kernel_blocks, --passes), recording the PTX of
+every Triton kernel Pallas compiles (jaxlib > 0.10.2 compiles them while lowering), and reports
+per kernel: its shared memory, Hopper wgmma vs mma.sync instructions and local-memory accesses in
+the PTX, and ptxas' registers, stack frame and spill bytes (ptxas from the CUDA wheels or
+Triton's, where installed). GPU only; costs compile time, not run time.
 
     python -m experiments.kernel_ptx --models=mlp --reads=cumulative --chunks=16 \
         --head_dims=64 --lengths=2048 --kernel_blocks=default,layout=features
@@ -21,8 +22,7 @@ from absl import app, flags
 
 from experiments import benchmark
 
-flags.DEFINE_string("dump_dir", "/tmp/kernel_ptx", "where XLA dumps the compiled modules "
-                    "(emptied first)")
+flags.DEFINE_string("dump_dir", "/tmp/kernel_ptx", "where each kernel's PTX is written")
 FLAGS = flags.FLAGS
 
 _COUNTED = {"wgmma": r"\bwgmma\.mma_async", "mma.sync": r"\bmma\.sync", "ld.local":
@@ -35,15 +35,11 @@ def find_ptxas():
   if found:
     return found
   for root in sys.path:
-    for path in glob.glob(os.path.join(root, "nvidia", "cuda_nvcc", "bin", "ptxas")):
-      return path
+    for pattern in (("nvidia", "cuda_nvcc", "bin", "ptxas"),
+                    ("triton", "backends", "nvidia", "bin", "ptxas")):
+      for path in glob.glob(os.path.join(root, *pattern)):
+        return path
   return None
-
-
-def _is_ptx(path: str) -> bool:
-  with open(path, errors="replace") as f:
-    head = f.read(4096)
-  return ".target sm_" in head or path.endswith(".ptx")
 
 
 def ptx_entries(text: str) -> dict:
@@ -75,46 +71,60 @@ def ptxas_report(ptxas: str, path: str) -> dict:
   return report
 
 
+def capture_triton_ptx():
+  """Wrap the Triton compile that Pallas' GPU lowering calls (jaxlib > 0.10.2 compiles Triton
+  kernels while lowering), recording each kernel's PTX and shared memory. Returns the list the
+  records are appended to: (ptx, smem_bytes)."""
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  records = []
+  compile_fn = registration.triton.compile
+
+  def recording_compile(*args, **kwargs):
+    result = compile_fn(*args, **kwargs)
+    records.append((result.asm, result.smem_bytes))
+    return result
+
+  registration.triton.compile = recording_compile
+  return records
+
+
 def main(argv):
   del argv
-  dump = FLAGS.dump_dir
-  shutil.rmtree(dump, ignore_errors=True)
-  # Read when the GPU client starts, i.e. at the first compile below.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
-                             " --xla_gpu_dump_llvmir=true")
   import jax
   import jax.numpy as jnp
   if jax.default_backend() != "gpu":
     raise SystemExit(f"kernel_ptx reads GPU PTX; the backend is {jax.default_backend()!r}")
+  records = capture_triton_ptx()
   ptxas = find_ptxas()
+  print(f"ptxas: {ptxas}")
   b, h, length = FLAGS.batch, FLAGS.heads, int(FLAGS.lengths[0])
   dtype = jnp.dtype(FLAGS.dtype)
+  os.makedirs(FLAGS.dump_dir, exist_ok=True)
   for head_dim in map(int, FLAGS.head_dims):
     for model_name, read, chunk, config in benchmark.memory_configs():
       for label, implementation, blocks in benchmark.kernel_implementations():
         if implementation != "pallas":
           continue
         for pass_name in FLAGS.passes:
-          tag = re.sub(r"\W", "_", f"ptx_{model_name}_{read}_c{chunk}_d{head_dim}_{label}_"
+          tag = re.sub(r"\W", "_", f"{model_name}_{read}_c{chunk}_d{head_dim}_{label}_"
                                    f"{pass_name}")
           case = benchmark._op_case(config, None, pass_name == "fwd+bwd", implementation,
                                     blocks)
-          fn = lambda *args, case=case: case(*args)
-          fn.__name__ = fn.__qualname__ = tag
           args = benchmark.op_inputs(config, b, length, h, head_dim, dtype)
-          jax.jit(fn).lower(*args).compile()
-          paths = [path for path in sorted(glob.glob(os.path.join(dump, "**", f"*{tag}*"),
-                                                      recursive=True))
-                   if os.path.isfile(path) and _is_ptx(path)]
-          print(f"== {tag}: {len(paths)} PTX file(s)")
-          for path in paths:
+          del records[:]
+          jax.jit(case).lower(*args)
+          print(f"== {tag}: {len(records)} Triton kernel(s)")
+          for i, (ptx, smem) in enumerate(records):
+            if isinstance(ptx, bytes):
+              ptx = ptx.decode()
+            path = os.path.join(FLAGS.dump_dir, f"{tag}_{i}.ptx")
+            with open(path, "w") as f:
+              f.write(ptx)
             report = ptxas_report(ptxas, path) if ptxas else {"ptxas": "not found"}
-            for name, body in ptx_entries(open(path).read()).items():
-              if "chunk_memory" not in name:
-                continue
+            for name, body in ptx_entries(ptx).items():
               counts = ", ".join(f"{k} {len(re.findall(pat, body))}"
                                  for k, pat in _COUNTED.items())
-              print(f"  {name}: {counts}; {report.get(name, '')}")
+              print(f"  {name}: smem {smem} B; {counts}; {report.get(name, '')}")
             if "ptxas" in report:
               print(f"  ptxas: {report['ptxas']}")
 
