@@ -50,6 +50,7 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
                   "what to measure")
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
+flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
 flags.DEFINE_list("kernel_blocks", ["default"], "kernel mode: KernelBlocks settings to compare "
                   "side by side, each 'default' or fields joined by '+', e.g. "
                   "'save_every=1+backward_num_warps=4'")
@@ -237,7 +238,8 @@ def kernel_variants():
     for head_dim in map(int, FLAGS.head_dims):
       for model_name, read, chunk, config in memory_configs():
         yield length, head_dim, model_name, read, chunk, config
-      yield length, head_dim, "tnt", "", FLAGS.kernel_local_chunk, None
+      if FLAGS.kernel_tnt:
+        yield length, head_dim, "tnt", "", FLAGS.kernel_local_chunk, None
       if FLAGS.attention:
         yield length, head_dim, "attention", "causal", 0, "attention"
 

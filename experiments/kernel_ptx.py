@@ -1,20 +1,19 @@
-"""What the GPU compiler made of the fused kernel: per kernel, its matrix instructions and spills.
+"""What the GPU compiler makes of the fused kernel: per kernel, its matrix instructions and spills.
 
 Lowers the kernel-mode cases of experiments/benchmark.py (same flags: --models, --reads,
---chunks, --head_dims, --lengths (the first), --kernel_blocks, --passes), recording the PTX of
-every Triton kernel Pallas compiles (jaxlib > 0.10.2 compiles them while lowering), and reports
-per kernel: its shared memory, Hopper wgmma vs mma.sync instructions and local-memory accesses in
-the PTX, and ptxas' registers, stack frame and spill bytes (ptxas from the CUDA wheels or
-Triton's, where installed). GPU only; costs compile time, not run time.
+--chunks, --head_dims, --lengths (the first), --kernel_blocks, --passes), records the Triton IR
+of every kernel Pallas' GPU lowering emits, compiles it for sm_90a with the Python `triton`
+package (where installed; the same Triton passes XLA runs, from another build) and reports per
+kernel: registers, spills, shared memory, and Hopper wgmma vs mma.sync instructions and
+local-memory accesses in the PTX. Writes each kernel's .ttir and .ptx under --dump_dir. Runs on any
+host (it lowers for CUDA without a GPU); costs compile time, not run time.
 
     python -m experiments.kernel_ptx --models=mlp --reads=cumulative --chunks=16 \
         --head_dims=64 --lengths=2048 --kernel_blocks=default,layout=features
 """
 
-import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -29,74 +28,76 @@ _COUNTED = {"wgmma": r"\bwgmma\.mma_async", "mma.sync": r"\bmma\.sync", "ld.loca
             r"\bld\.local", "st.local": r"\bst\.local"}
 
 
-def find_ptxas():
-  """ptxas on PATH or in the nvidia-cuda-nvcc wheel jax's CUDA plugin depends on."""
-  found = shutil.which("ptxas")
-  if found:
-    return found
-  for root in sys.path:
-    for pattern in (("nvidia", "cuda_nvcc", "bin", "ptxas"),
-                    ("triton", "backends", "nvidia", "bin", "ptxas")):
-      for path in glob.glob(os.path.join(root, *pattern)):
-        return path
-  return None
-
-
-def ptx_entries(text: str) -> dict:
-  """{kernel name: its PTX body} for every .entry in a PTX module."""
-  starts = [(m.start(), m.group(1)) for m in re.finditer(r"\.entry\s+(\w+)", text)]
-  bounds = [s for s, _ in starts[1:]] + [len(text)]
-  return {name: text[start:end] for (start, name), end in zip(starts, bounds)}
-
-
-def ptxas_report(ptxas: str, path: str) -> dict:
-  """{kernel: 'N registers, S B stack, X B spill stores, Y B spill loads'} from ptxas -v."""
-  result = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull],
-                          capture_output=True, text=True, check=False)
-  report, current = {}, None
-  for line in result.stderr.splitlines():
-    entry = re.search(r"Compiling entry function '(\w+)'", line)
-    if entry:
-      current = entry.group(1)
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
-                      r"loads", line)
-    if frame and current:
-      report[current] = f"stack {frame.group(1)} B, spills {frame.group(2)} B st / " \
-                        f"{frame.group(3)} B ld"
-    regs = re.search(r"Used (\d+) registers", line)
-    if regs and current:
-      report[current] = f"{regs.group(1)} regs, " + report.get(current, "")
-  if result.returncode:
-    report["ptxas"] = result.stderr.strip().splitlines()[-1][:200]
-  return report
-
-
-def capture_triton_ptx():
-  """Wrap the Triton compile that Pallas' GPU lowering calls (jaxlib > 0.10.2 compiles Triton
-  kernels while lowering), recording each kernel's PTX and shared memory. Returns the list the
-  records are appended to: (ptx, smem_bytes)."""
-  from jax._src.pallas.triton import pallas_call_registration as registration
+def capture_triton_ir():
+  """Record the Triton IR (TTIR text) and warp count of every kernel Pallas' GPU lowering emits.
+  Returns the list the records are appended to: (ttir, num_warps, num_stages)."""
+  from jax._src.pallas.triton import lowering
   records = []
-  compile_fn = registration.triton.compile
+  lower = lowering.lower_jaxpr_to_triton_module
 
-  def recording_compile(*args, **kwargs):
-    result = compile_fn(*args, **kwargs)
-    records.append((result.asm, result.smem_bytes))
+  def recording_lower(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    params = sys._getframe(1).f_locals.get("triton_params")   # the caller's CompilerParams
+    records.append((result.module.operation.get_asm(), getattr(params, "num_warps", 4) or 4,
+                    getattr(params, "num_stages", 1) or 1))
     return result
 
-  registration.triton.compile = recording_compile
+  lowering.lower_jaxpr_to_triton_module = recording_lower
   return records
+
+
+def compile_ttir(path: str, num_warps: int, num_stages: int):
+  """(ptx, ptxas report, shared bytes) from Triton's own compiler for an sm_90a target: the same
+  passes XLA runs on the kernel, from the Python `triton` package (not XLA's build), then ptxas
+  -v (Triton's bundled ptxas) for registers and spills."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  compiled = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+  ptx = compiled.asm["ptx"]
+  ptx_path = path[:-len(".ttir")] + ".ptx"
+  with open(ptx_path, "w") as f:
+    f.write(ptx)
+  ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+  result = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx_path, "-o", os.devnull],
+                          capture_output=True, text=True, check=False)
+  found = [re.search(pattern, result.stderr) for pattern in (
+      r"Used (\d+) registers", r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) "
+      r"bytes spill loads")]
+  if not all(found):
+    report = f"ptxas: {(result.stderr.strip().splitlines() or ['no report'])[-1][:200]}"
+  else:
+    report = (f"{found[0].group(1)} regs, stack {found[1].group(1)} B, spills "
+              f"{found[1].group(2)} B stored / {found[1].group(3)} B loaded")
+  return ptx, report, compiled.metadata.shared
+
+
+def kernel_case(config, blocks, backward):
+  """The compiled GPU kernel itself (no platform check, so a CPU host can lower it for CUDA)."""
+  import jax
+  import jax.numpy as jnp
+  from tnt_jax.kernels.chunk_memory import kernel_memory
+
+  def forward(q, k, v, gates, state, slow):
+    del slow
+    return kernel_memory(q, k, v, gates, state, config, driver="chunk_loop", interpret=False,
+                         blocks=blocks)
+
+  if not backward:
+    return forward
+
+  def loss(*args):
+    out, final = forward(*args)
+    return jnp.mean(out.astype(jnp.float32) ** 2) + sum(jnp.mean(x)
+                                                         for x in jax.tree.leaves(final))
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
 
 
 def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
-  if jax.default_backend() != "gpu":
-    raise SystemExit(f"kernel_ptx reads GPU PTX; the backend is {jax.default_backend()!r}")
-  records = capture_triton_ptx()
-  ptxas = find_ptxas()
-  print(f"ptxas: {ptxas}")
+  records = capture_triton_ir()
   b, h, length = FLAGS.batch, FLAGS.heads, int(FLAGS.lengths[0])
   dtype = jnp.dtype(FLAGS.dtype)
   os.makedirs(FLAGS.dump_dir, exist_ok=True)
@@ -108,25 +109,25 @@ def main(argv):
         for pass_name in FLAGS.passes:
           tag = re.sub(r"\W", "_", f"{model_name}_{read}_c{chunk}_d{head_dim}_{label}_"
                                    f"{pass_name}")
-          case = benchmark._op_case(config, None, pass_name == "fwd+bwd", implementation,
-                                    blocks)
+          case = kernel_case(config, blocks, pass_name == "fwd+bwd")
           args = benchmark.op_inputs(config, b, length, h, head_dim, dtype)
           del records[:]
-          jax.jit(case).lower(*args)
+          jax.jit(case).trace(*args).lower(lowering_platforms=("cuda",))
           print(f"== {tag}: {len(records)} Triton kernel(s)")
-          for i, (ptx, smem) in enumerate(records):
-            if isinstance(ptx, bytes):
-              ptx = ptx.decode()
-            path = os.path.join(FLAGS.dump_dir, f"{tag}_{i}.ptx")
+          for i, (ttir, num_warps, num_stages) in enumerate(records):
+            path = os.path.join(FLAGS.dump_dir, f"{tag}_{i}.ttir")
             with open(path, "w") as f:
-              f.write(ptx)
-            report = ptxas_report(ptxas, path) if ptxas else {"ptxas": "not found"}
-            for name, body in ptx_entries(ptx).items():
-              counts = ", ".join(f"{k} {len(re.findall(pat, body))}"
-                                 for k, pat in _COUNTED.items())
-              print(f"  {name}: smem {smem} B; {counts}; {report.get(name, '')}")
-            if "ptxas" in report:
-              print(f"  ptxas: {report['ptxas']}")
+              f.write(ttir)
+            name = re.search(r"tt\.func (?:public )?@(\w+)", ttir)
+            name = name.group(1) if name else f"kernel {i}"
+            try:
+              ptx, report, smem = compile_ttir(path, num_warps, num_stages)
+            except Exception as e:  # a Triton version that cannot read this IR: say so, go on
+              print(f"  {name} ({num_warps} warps): triton failed: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+              continue
+            counts = ", ".join(f"{k} {len(re.findall(pat, ptx))}" for k, pat in _COUNTED.items())
+            print(f"  {name} ({num_warps} warps): {report}; smem {smem} B; {counts}")
 
 
 if __name__ == "__main__":

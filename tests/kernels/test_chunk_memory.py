@@ -343,6 +343,16 @@ class KernelErrorsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)
 
+  def test_layout_default_is_the_measured_choice(self):
+    resolve = lambda blocks, kind, driver: blocks.resolved_layout(kind, driver)
+    self.assertEqual(resolve(KernelBlocks(), "linear", "chunk_loop"), "features")
+    self.assertEqual(resolve(KernelBlocks(), "mlp", "chunk_loop"), "tokens")
+    self.assertEqual(resolve(KernelBlocks(), "linear", "sequential_grid"), "tokens")
+    self.assertEqual(resolve(KernelBlocks(hidden_slice=32), "linear", "chunk_loop"), "tokens")
+    self.assertEqual(resolve(KernelBlocks(layout="tokens"), "linear", "chunk_loop"), "tokens")
+    self.assertEqual(resolve(KernelBlocks(layout="features"), "mlp", "sequential_grid"),
+                     "features")
+
   def test_blocks_from_a_flag_spec(self):
     self.assertEqual(KernelBlocks.from_spec("default"), KernelBlocks())
     self.assertEqual(KernelBlocks.from_spec("save_every=1+backward_num_warps=4"),

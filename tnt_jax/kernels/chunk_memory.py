@@ -90,7 +90,9 @@ class KernelBlocks:
   layout: how a chunk's activations are laid out in the step (step_math.ChunkLayout):
     "tokens" ([C, width], the C tokens as every matmul's M dimension) or "features" ([width, C],
     the feature width as M: 64-256 rows, the shape Hopper's wgmma takes). Same math; the
-    carried-state step only (hidden_slice must be 0).
+    carried-state step only (hidden_slice must be 0). None picks "features" for a linear memory
+    on the GPU driver and "tokens" otherwise (measured on an H100: the linear forward 1.24x
+    faster in "features", the mlp's 1.2x slower; docs/kernel_notes.md v6).
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
@@ -104,13 +106,13 @@ class KernelBlocks:
   save_every: int | None = None
   backward_num_warps: int | None = None
   hidden_slice: int = 0
-  layout: str = "tokens"
+  layout: str | None = None
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
-    if self.layout not in LAYOUTS:
+    if self.layout is not None and self.layout not in LAYOUTS:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
@@ -128,7 +130,7 @@ class KernelBlocks:
     if (not isinstance(slice_, int) or isinstance(slice_, bool) or slice_ < 0
         or slice_ & (slice_ - 1)):
       raise ValueError(f"KernelBlocks.hidden_slice={slice_!r} must be 0 (off) or a power of 2")
-    if slice_ and self.layout != "tokens":
+    if slice_ and self.layout == "features":
       raise ValueError(f"KernelBlocks.hidden_slice={slice_} streams a token-major state; "
                        f"layout={self.layout!r} needs hidden_slice=0")
 
@@ -149,6 +151,13 @@ class KernelBlocks:
         raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
       fields[name] = value if named else int(value)
     return cls(**fields)
+
+  def resolved_layout(self, model_kind: str, driver: str) -> str:
+    """The step's layout: `layout`, or for None the measured choice per model and driver."""
+    if self.layout is not None:
+      return self.layout
+    measured = model_kind == "linear" and driver == "chunk_loop" and not self.hidden_slice
+    return "features" if measured else "tokens"
 
   def checkpoint_spacing(self, num_chunks: int) -> int:
     """Chunks per saved state for a row of num_chunks chunks (>= 1)."""
@@ -564,6 +573,12 @@ class _Static(NamedTuple):
   interpret: object = True
   blocks: KernelBlocks = KernelBlocks()
 
+  @property
+  def layout(self) -> str:
+    """The chunk step's activation layout (kernel_memory resolves KernelBlocks.layout first;
+    the jnp reference runs "tokens")."""
+    return self.blocks.layout or "tokens"
+
 
 def _carry_step(static: _Static, compute_dtype):
   """The chunk step on a flat carry [W layers..., S layers...] and flat coefficient values:
@@ -576,7 +591,7 @@ def _carry_step(static: _Static, compute_dtype):
     momentum = list(carry[depth:]) if static.has_momentum else None
     new_w, new_s, out = _chunk_step(list(carry[:depth]), momentum, q, k, v, coefs,
                                     config=static.config, compute_dtype=compute_dtype,
-                                    layout=static.blocks.layout)
+                                    layout=static.layout)
     return new_w + (new_s or []), out
 
   return step
@@ -610,7 +625,7 @@ def _sync(static: _Static):
 
 
 def _kernel_name(direction: str, static: _Static, sliced) -> str:
-  layout = f"_sliced{sliced.width}" if sliced is not None else ""
+  layout = f"_sliced{sliced.width}" if sliced is not None else f"_{static.layout}"
   return f"chunk_memory_{direction}_{static.config.model.kind}_{static.config.rule.kind}{layout}"
 
 
@@ -780,10 +795,10 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
              for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
   coefs = chunk_coefficients(gates, config, t, acc, padded_chunk)
   static = _Static(config, (), 0, False, **static_kw)
-  feature_major = static.blocks.layout == "features"
+  feature_major = static.layout == "features"
   if feature_major:
     q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))
-    coefs = coefs_in_layout(coefs, static.blocks.layout)
+    coefs = coefs_in_layout(coefs, static.layout)
   coef_fields = tuple(f for f in ChunkCoefs._fields if getattr(coefs, f) is not None)
   has_s = state.momentum is not None
   rows_state = _state_rows(state.weights, names, acc)
@@ -829,6 +844,7 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                               interpret=bool(interpret), blocks=blocks)
   if reason is not None:
     raise ValueError(f"the fused kernel does not support this op: {reason}")
+  blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                    padded_chunk=kernel_chunk(config.chunk_size, driver), driver=driver,
                    interpret=interpret, blocks=blocks)
