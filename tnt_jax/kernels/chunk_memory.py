@@ -54,7 +54,7 @@ from jax.experimental import pallas as pl
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.rules import Gates, MemoryState
 from tnt_jax.kernels.sliced_mlp import SlicedStep
-from tnt_jax.kernels.step_math import LAYOUTS, ChunkLayout, Reload
+from tnt_jax.kernels.step_math import LAYOUTS, ChunkLayout
 from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
@@ -107,7 +107,6 @@ class KernelBlocks:
   backward_num_warps: int | None = None
   hidden_slice: int = 0
   layout: str | None = None
-  reload_state: int = 0
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
@@ -116,8 +115,6 @@ class KernelBlocks:
     if self.layout is not None and self.layout not in LAYOUTS:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
-    if self.reload_state not in (0, 1):
-      raise ValueError(f"KernelBlocks.reload_state={self.reload_state!r} must be 0 or 1")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
                  "save_every", "backward_num_warps"):   # hidden_slice: below
       value = getattr(self, name)
@@ -419,7 +416,7 @@ def _copy_state(dst_refs, src_refs, sync):
 
 def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
                      interpret, gpu_params, name, snapshot_every=None, carry_in_refs=False,
-                     sync=lambda: None, lazy_inputs=0):
+                     sync=lambda: None):
   """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
   chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
@@ -431,8 +428,6 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
   carry_in_refs: the carry lives in the final-carry output refs instead of values, and
   body(carry_refs, chunk_views: list[_ChunkView]) -> chunk_outputs updates it in place (loading
   what it needs when it needs it); sync() runs after every chunk and state copy.
-  lazy_inputs=k: the last k chunk inputs reach a value-carry body as `_ChunkView`s (loaded where
-  the body reads them) instead of loaded values.
   """
   rows, n = chunk_inputs[0].shape[:2]
   if snapshot_every is not None and reverse:
@@ -460,12 +455,6 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
     for r, val in zip(refs, values):
       r[index] = val.astype(r.dtype)
 
-  def chunk_values(chunk_refs, j):
-    """Chunk j of each input (j None: the ref is the chunk's block), the lazy ones as views."""
-    views = [_ChunkView(r, j) for r in chunk_refs]
-    eager = len(views) - lazy_inputs
-    return [view[...] for view in views[:eager]] + views[eager:]
-
   if driver == "sequential_grid":
     def kernel(*refs):
       chunk_refs, init_refs, out_refs, carry_refs, snap_refs = split_refs(refs)
@@ -486,7 +475,7 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
       carry = [r[...] for r in carry_refs]
       if snap_refs:   # the slot's block stays resident over its stride: write it once
         pl.when(j % snapshot_every == 0)(lambda: store(snap_refs, ..., carry))
-      carry, outs = body(carry, chunk_values(chunk_refs, None))
+      carry, outs = body(carry, [r[...] for r in chunk_refs])
       store(out_refs, ..., outs)
       store(carry_refs, ..., carry)
 
@@ -519,7 +508,7 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
             store(out_refs, j, body(carry_refs, [_ChunkView(r, j) for r in chunk_refs]))
             sync()
           else:
-            carry, outs = body(carry, chunk_values(chunk_refs, j))
+            carry, outs = body(carry, [r[j] for r in chunk_refs])
             store(out_refs, j, outs)
           return carry
         return jax.lax.fori_loop(0, count, step, carry)
@@ -684,13 +673,7 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
     qc, kc, vc = chunk[:3]
     coef_values = chunk[3:3 + num_coefs]
     d_out_c = chunk[3 + num_coefs]
-    # The chunk-start state is read where the step uses it, not held beside the cotangent.
     state_c = chunk[4 + num_coefs:]
-    if static.blocks.reload_state:
-      state_c = [Reload(lambda view=view: view[...], view.ref.shape[-2:], view.dtype)
-                 for view in state_c]
-    else:
-      state_c = [view[...] for view in state_c]
 
     def chunk_vjp(state, qc, kc, vc, coef_values, d_state, d_out):
       _, vjp = jax.vjp(step, state, qc, kc, vc, coef_values)
@@ -707,7 +690,6 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
       list(d_final), out_shapes, reverse=True, driver=static.driver,
       interpret=static.interpret, gpu_params=_gpu_params(static, backward=True),
       carry_in_refs=sliced is not None, sync=_sync(static),
-      lazy_inputs=0 if sliced is not None else len(saved_states),
       name=_kernel_name("bwd", static, sliced))
   return outs[0], outs[1], outs[2], outs[3:], d_init
 

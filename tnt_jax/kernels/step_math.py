@@ -31,39 +31,23 @@ def mm(x, y, compute_dtype, transpose_y=False):
   return dot(x, y, compute_dtype, _NT if transpose_y else _NN)
 
 
-class Reload:
-  """An argument of `one_dtype_per_matmul(fn)` read from memory again at each of its uses in
-  fn's graph (`load()`), instead of held as one live value across it: for a kernel body that
-  would otherwise keep a large read-only input in registers. shape/dtype: what load returns."""
-
-  def __init__(self, load, shape, dtype):
-    self.load, self.shape, self.dtype = load, tuple(shape), jnp.dtype(dtype)
-
-
 def one_dtype_per_matmul(fn):
   """fn, evaluated with every matmul's operands cast to the narrower of their two dtypes.
 
   Autodiff transposes a bf16 x bf16 -> float32 matmul into float32-cotangent x bf16 matmuls;
   the GPU (Triton) lowering needs one operand dtype. Rounding the cotangent to the compute dtype
   is what the forward does to its own operands. A no-op when the compute dtype is float32+.
-  Arguments given as `Reload` are loaded afresh at each use.
   """
   def wrapped(*args):
-    is_reload = lambda x: isinstance(x, Reload)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_reload(x)
-                            else x, args, is_leaf=is_reload)
-    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*abstract)
-    outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree.leaves(args, is_leaf=is_reload))
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    outs = _eval_jaxpr(closed.jaxpr, closed.consts, jax.tree.leaves(args))
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
   return wrapped
 
 
 def _eval_jaxpr(jaxpr, consts, args):
   env = {}
-  def read(v):
-    if isinstance(v, jex_core.Literal):
-      return v.val
-    return env[v].load() if isinstance(env[v], Reload) else env[v]
+  read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
   for var, val in list(zip(jaxpr.constvars, consts)) + list(zip(jaxpr.invars, args)):
     env[var] = val
   for eqn in jaxpr.eqns:
