@@ -182,6 +182,18 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     self._check(config, head_dim, dtype, _seed("features", model, rule_read, head_dim, chunk),
                 blocks=KernelBlocks(layout="features", save_every=save_every), length=length)
 
+  @parameterized.parameters(("titans_cumulative", "l2", "bfloat16", "tokens"),
+                            ("gd_chunk_start", "dot", "float32", "tokens"),
+                            ("gd_cumulative", "l2", "float32", "features"))
+  def test_swiglu(self, rule_read, loss, dtype, layout):
+    # w2 [silu(w1 x) * (w3 x)]: two layers read the same input, so the graph is not a chain.
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MemoryModel("swiglu", expansion=1.0), UpdateRule(rule), loss, read,
+                          CHUNK)
+    dtype = dtype if dtype in self.DTYPES else self.DTYPES[0]
+    self._check(config, 64, dtype, _seed("swiglu", rule_read, layout), length=45,
+                blocks=KernelBlocks(layout=layout))
+
   def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
     config = _config("linear", "titans_cumulative")
     args = _inputs(config, 64, getattr(jnp, self.DTYPES[0]), 4, 7 * CHUNK + 5)
@@ -215,6 +227,14 @@ class ChunkMemoryKernelInterpretTest(ChunkMemoryKernelTest):
   INTERPRET = True
   DRIVERS = chunk_memory.DRIVERS
   DTYPES = ("float64", "float32", "bfloat16")
+
+  @parameterized.parameters(("titans_cumulative", "tokens"), ("gd_chunk_start", "features"))
+  def test_swiglu_float64(self, rule_read, layout):
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MemoryModel("swiglu", expansion=2.0), UpdateRule(rule), "l2", read,
+                          CHUNK)
+    self._check(config, 64, "float64", _seed("swiglu64", rule_read), length=45,
+                blocks=KernelBlocks(layout=layout))
 
   @parameterized.product(model=tuple(MODELS), rule_read=tuple(RULE_READS))
   def test_matches_reference_float64(self, model, rule_read):
@@ -282,7 +302,7 @@ class KernelErrorsTest(parameterized.TestCase):
   def test_unsupported_ops_raise_naming_the_reason(self):
     config = MemoryConfig(MemoryModel("swiglu"), UpdateRule("lact"), "l2", "chunk_start", 16)
     args = _inputs(config, 64, jnp.float32, 0)
-    with self.assertRaisesRegex(ValueError, "model kind='swiglu'"):
+    with self.assertRaisesRegex(ValueError, "rule='lact'"):
       kernel_memory(*args, config, interpret=True)
     ttt = MemoryConfig(MemoryModel("linear", bias=True, residual_norm=True), UpdateRule("gd"))
     self.assertIn("bias=True", chunk_memory.unsupported_reason(

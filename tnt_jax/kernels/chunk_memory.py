@@ -36,8 +36,8 @@ are plain JAX, so their gradients come from autodiff):
            every state and recomputes nothing. See docs/kernel_notes.md.
   "xla"    version 1: recompute with the jnp reference and take its vjp.
 
-Supported: models "linear" and "mlp" (any depth) without bias or residual norm; losses l2 and dot;
-rules gd and titans; both read modes. Anything else (swiglu, TTT's bias/LayerNorm, the lact rule)
+Supported: models "linear", "mlp" (any depth) and "swiglu" without bias or residual norm; losses
+l2 and dot; rules gd and titans; both read modes. Anything else (TTT's bias/LayerNorm, the lact rule)
 is refused by `unsupported_reason` and ops/api.py falls back to XLA with a logged reason.
 """
 
@@ -194,8 +194,8 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
                        interpret: bool, blocks: KernelBlocks = KernelBlocks()) -> str | None:
   """Why the kernel cannot run this op (None when it can). Shapes and config only."""
   model, rule = config.model, config.rule
-  if model.kind not in ("linear", "mlp"):
-    return f"memory model kind={model.kind!r} (the kernel does linear and mlp)"
+  if model.kind not in ("linear", "mlp", "swiglu"):
+    return f"memory model kind={model.kind!r} (the kernel does linear, mlp and swiglu)"
   if model.bias or model.residual_norm:
     return (f"bias={model.bias}, residual_norm={model.residual_norm} (TTT's bias and "
             "LayerNorm are not in the kernel)")
@@ -265,41 +265,26 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
   q, k, v: [C, d] ("tokens" layout) or [d, C] ("features"; the coefficients then transposed,
   `coefs_in_layout`). Returns (weights', momentum', out float32 in the layout of q)."""
   acc = jnp.promote_types(compute_dtype, jnp.float32)
-  depth = len(weights)
-  act = config.model.activation
   lay = ChunkLayout(layout, compute_dtype)
-
-  # Keys: forward at W0, keeping each layer's input and pre-activation.
-  inputs, pre = [], []
-  x = k.astype(acc)
-  for i, w in enumerate(weights):
-    inputs.append(x)
-    z = lay.apply(w, x)
-    pre.append(z)
-    x = _act_and_grad(act, z)[0] if i < depth - 1 else z
+  graph = _swiglu_graph if config.model.kind == "swiglu" else _chain_graph
   v = v.astype(acc)
-  dy = 2.0 * (x - v) if config.loss == "l2" else -v
-  # Backward: delta_i is d loss / d (layer i's output); the gradient of W_i is delta_i^T a_i.
-  deltas = [None] * depth
-  delta = dy
-  for i in reversed(range(depth)):
-    deltas[i] = delta
-    if i:
-      delta = lay.apply_transposed(weights[i], delta) * _act_and_grad(act, pre[i - 1])[1]
+  loss_grad = lambda y: 2.0 * (y - v) if config.loss == "l2" else -v
+  # Keys: forward at W0 and back: per layer its input a_i and delta_i = d loss / d (its output),
+  # so that the layer's gradient is delta_i^T a_i.
+  inputs, deltas = graph(weights, k.astype(acc), None, lay, config.model.activation, loss_grad)
 
-  # Read.
-  x = q.astype(acc)
-  for i, w in enumerate(weights):
-    if config.read == "cumulative":
-      z = c.read_w0 * lay.apply(w, x)
-      if momentum is not None:
-        z = z + c.read_s0 * lay.apply(momentum[i], x)
-      scores = c.read_x * lay.scores(x, inputs[i])
-      z = z + lay.mix(scores, deltas[i])
-    else:
-      z = lay.apply(w, x)
-    x = _act_and_grad(act, z)[0] if i < depth - 1 else z
-  out = x
+  # Read: each layer's pre-activation at the reader's own state W_t (dual form, cumulative) or
+  # at W0 (chunk_start), through the same graph.
+  def layer_read(i, x):
+    if config.read != "cumulative":
+      return lay.apply(weights[i], x)
+    z = c.read_w0 * lay.apply(weights[i], x)
+    if momentum is not None:
+      z = z + c.read_s0 * lay.apply(momentum[i], x)
+    scores = c.read_x * lay.scores(x, inputs[i])
+    return z + lay.mix(scores, deltas[i])
+
+  out = graph(weights, q.astype(acc), layer_read, lay, config.model.activation, None)
 
   # Update: sum_j coef_j delta_j a_j^T.
   outer = lambda coef, i: lay.outer(coef * deltas[i], inputs[i])
@@ -311,6 +296,45 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
       new_momentum.append(c.end_ss0 * momentum[i] + outer(c.end_sx, i))
     new_weights.append(w1)
   return new_weights, new_momentum, out
+
+
+def _chain_graph(weights, x, layer_read, lay, act, loss_grad):
+  """linear / mlp: layer i takes act(layer i-1's output). With layer_read None, the keys' pass:
+  returns (inputs, deltas); else the read: layer_read(i, x) gives layer i's pre-activation and
+  the output is returned."""
+  depth = len(weights)
+  inputs, pre = [], []
+  for i, w in enumerate(weights):
+    inputs.append(x)
+    z = lay.apply(w, x) if layer_read is None else layer_read(i, x)
+    pre.append(z)
+    x = _act_and_grad(act, z)[0] if i < depth - 1 else z
+  if layer_read is not None:
+    return x
+  deltas = [None] * depth
+  delta = loss_grad(x)
+  for i in reversed(range(depth)):
+    deltas[i] = delta
+    if i:
+      delta = lay.apply_transposed(weights[i], delta) * _act_and_grad(act, pre[i - 1])[1]
+  return inputs, deltas
+
+
+def _swiglu_graph(weights, x, layer_read, lay, act, loss_grad):
+  """swiglu, layers (w1, w3, w2): w2 [silu(w1 x) * (w3 x)] (memory/models.py; silu whatever
+  `act` says). The same contract as `_chain_graph`."""
+  del act
+  pre = (lambda i: lay.apply(weights[i], x)) if layer_read is None else (
+      lambda i: layer_read(i, x))
+  gate, up = pre(0), pre(1)
+  silu, silu_grad = _act_and_grad("silu", gate)
+  hidden = silu * up
+  y = lay.apply(weights[2], hidden) if layer_read is None else layer_read(2, hidden)
+  if layer_read is not None:
+    return y
+  dy = loss_grad(y)
+  d_hidden = lay.apply_transposed(weights[2], dy)
+  return [x, x, hidden], [d_hidden * up * silu_grad, d_hidden * silu, dy]
 
 
 def coefs_in_layout(coefs: ChunkCoefs, layout: str) -> ChunkCoefs:
