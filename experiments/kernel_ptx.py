@@ -42,8 +42,23 @@ def capture_triton_ir():
                     getattr(params, "num_stages", 1) or 1))
     return result
 
+  recording_lower.original = lower
   lowering.lower_jaxpr_to_triton_module = recording_lower
   return records
+
+
+def release_triton_ir():
+  """Undo `capture_triton_ir`."""
+  from jax._src.pallas.triton import lowering
+  lowering.lower_jaxpr_to_triton_module = getattr(lowering.lower_jaxpr_to_triton_module,
+                                                  "original",
+                                                  lowering.lower_jaxpr_to_triton_module)
+
+
+def kernel_name(ttir: str) -> str:
+  """The kernel's function name in its Triton IR."""
+  found = re.search(r"tt\.func (?:public )?@(\w+)", ttir)
+  return found.group(1) if found else "?"
 
 
 def compile_ttir(path: str, num_warps: int, num_stages: int):
@@ -118,8 +133,7 @@ def main(argv):
             path = os.path.join(FLAGS.dump_dir, f"{tag}_{i}.ttir")
             with open(path, "w") as f:
               f.write(ttir)
-            name = re.search(r"tt\.func (?:public )?@(\w+)", ttir)
-            name = name.group(1) if name else f"kernel {i}"
+            name = kernel_name(ttir)
             try:
               ptx, report, smem = compile_ttir(path, num_warps, num_stages)
             except Exception as e:  # a Triton version that cannot read this IR: say so, go on
