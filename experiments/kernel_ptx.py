@@ -1,12 +1,12 @@
 """What the GPU compiler makes of the fused kernel: per kernel, its matrix instructions and spills.
 
 Lowers the kernel-mode cases of experiments/benchmark.py (same flags: --models, --reads,
---chunks, --head_dims, --lengths (the first), --kernel_blocks, --passes), records the Triton IR
-of every kernel Pallas' GPU lowering emits (tnt_jax/kernels/gpu_lowering.py), compiles it for sm_90a with the Python `triton`
-package (where installed; the same Triton passes XLA runs, from another build) and reports per
-kernel: registers, spills, shared memory, and Hopper wgmma vs mma.sync instructions and
-local-memory accesses in the PTX. Writes each kernel's .ttir and .ptx under --dump_dir. Runs on any
-host (it lowers for CUDA without a GPU); costs compile time, not run time.
+--chunks, --head_dims, --lengths (the first), --kernel_blocks, --passes) for CUDA, takes the
+Triton IR of every kernel (tnt_jax/kernels/gpu_lowering.py), compiles it for sm_90a with the
+Python `triton` package (where installed; the same Triton passes XLA runs, from another build)
+and reports per kernel: registers, stack and spill bytes (ptxas -v), shared memory, and Hopper
+wgmma vs mma.sync instructions in the PTX. Writes each kernel's .ttir and .ptx under --dump_dir.
+Runs on any host (no GPU needed); costs compile time, not run time.
 
     python -m experiments.kernel_ptx --models=mlp --reads=cumulative --chunks=16 \
         --head_dims=64 --lengths=2048 --kernel_blocks=default,layout=features
@@ -21,11 +21,10 @@ from absl import app, flags
 from experiments import benchmark
 from tnt_jax.kernels import gpu_lowering
 
-flags.DEFINE_string("dump_dir", "/tmp/kernel_ptx", "where each kernel's PTX is written")
+flags.DEFINE_string("dump_dir", "/tmp/kernel_ptx", "where each kernel's .ttir and .ptx go")
 FLAGS = flags.FLAGS
 
-_COUNTED = {"wgmma": r"\bwgmma\.mma_async", "mma.sync": r"\bmma\.sync", "ld.local":
-            r"\bld\.local", "st.local": r"\bst\.local"}
+_COUNTED = {"wgmma": r"\bwgmma\.mma_async", "mma.sync": r"\bmma\.sync"}
 
 
 def compile_ttir(path: str, num_warps: int, num_stages: int):
@@ -71,19 +70,19 @@ def main(argv):
           args = benchmark.op_inputs(config, b, length, h, head_dim, dtype)[:5]
           kernels = gpu_lowering.lower_kernels(config, blocks, pass_name == "fwd+bwd", args)
           print(f"== {tag}: {len(kernels)} Triton kernel(s)")
-          for i, (ttir, num_warps, num_stages) in enumerate(kernels):
+          for i, kernel in enumerate(kernels):
             path = os.path.join(FLAGS.dump_dir, f"{tag}_{i}.ttir")
             with open(path, "w") as f:
-              f.write(ttir)
-            name = kernels[i].name
+              f.write(kernel.ttir)
+            what = f"{kernel.name} ({kernel.num_warps} warps)"
             try:
-              ptx, report, smem = compile_ttir(path, num_warps, num_stages)
+              ptx, report, smem = compile_ttir(path, kernel.num_warps, kernel.num_stages)
             except Exception as e:  # a Triton version that cannot read this IR: say so, go on
-              print(f"  {name} ({num_warps} warps): triton failed: "
+              print(f"  {what}: triton failed: "
                     f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
               continue
             counts = ", ".join(f"{k} {len(re.findall(pat, ptx))}" for k, pat in _COUNTED.items())
-            print(f"  {name} ({num_warps} warps): {report}; smem {smem} B; {counts}")
+            print(f"  {what}: {report}; smem {smem} B; {counts}")
 
 
 if __name__ == "__main__":

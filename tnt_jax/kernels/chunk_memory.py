@@ -37,8 +37,8 @@ are plain JAX, so their gradients come from autodiff):
   "xla"    version 1: recompute with the jnp reference and take its vjp.
 
 Supported: models "linear", "mlp" (any depth) and "swiglu" without bias or residual norm; losses
-l2 and dot; rules gd and titans; both read modes. Anything else (TTT's bias/LayerNorm, the lact rule)
-is refused by `unsupported_reason` and ops/api.py falls back to XLA with a logged reason.
+l2 and dot; rules gd and titans; both read modes. Anything else (TTT's bias/LayerNorm, the lact
+rule) is refused by `unsupported_reason` and ops/api.py falls back to XLA with a logged reason.
 """
 
 from __future__ import annotations
@@ -818,17 +818,16 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   q, k, v = (_pad_chunks(_rows(x, n, chunk), padded_chunk)
              for x in (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD))
   coefs = chunk_coefficients(gates, config, t, acc, padded_chunk)
-  static = _Static(config, (), 0, False, **static_kw)
-  feature_major = static.layout == "features"
-  if feature_major:
-    q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))
-    coefs = coefs_in_layout(coefs, static.layout)
   coef_fields = tuple(f for f in ChunkCoefs._fields if getattr(coefs, f) is not None)
   has_s = state.momentum is not None
   rows_state = _state_rows(state.weights, names, acc)
   if has_s:
     rows_state += _state_rows(state.momentum, names, acc)
-  static = static._replace(coef_fields=coef_fields, depth=len(names), has_momentum=has_s)
+  static = _Static(config, coef_fields, len(names), has_s, **static_kw)
+  feature_major = static.layout == "features"
+  if feature_major:
+    q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))
+    coefs = coefs_in_layout(coefs, static.layout)
   out_rows, final_rows = row_fn(static, q, k, v, [getattr(coefs, f) for f in coef_fields],
                                 rows_state)
   if feature_major:
