@@ -96,7 +96,9 @@ class KernelBlocks:
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
-    at C = 64; docs/kernel_notes.md).
+    at C = 64; docs/kernel_notes.md). A chunk-start read past this limit (TNT's global memory)
+    runs on the tile kernel instead (kernels/chunk_start.py), in interpret mode too.
+  tile: tokens per program of that tile kernel (a power of 2; a smaller chunk is one tile).
   """
   num_warps: int | None = None
   num_stages: int = 1
@@ -107,6 +109,7 @@ class KernelBlocks:
   backward_num_warps: int | None = None
   hidden_slice: int = 0
   layout: str | None = None
+  tile: int = 64
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
@@ -116,13 +119,13 @@ class KernelBlocks:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
-                 "save_every", "backward_num_warps"):   # hidden_slice: below
+                 "save_every", "backward_num_warps", "tile"):   # hidden_slice: below
       value = getattr(self, name)
       if name in ("num_warps", "save_every", "backward_num_warps") and value is None:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
-    for name in ("num_warps", "backward_num_warps"):
+    for name in ("num_warps", "backward_num_warps", "tile"):
       value = getattr(self, name)
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
@@ -183,6 +186,15 @@ def kernel_chunk(chunk_size: int, driver: str) -> int:
   return max(MIN_GPU_CHUNK, 1 << (chunk_size - 1).bit_length())
 
 
+def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks) -> bool:
+  """Whether the op runs on the chunk-start tile kernel (kernels/chunk_start.py) rather than the
+  row kernel: a chunk-start read whose chunk is past the row kernel's activation limit."""
+  if config.read != "chunk_start":
+    return False
+  widest = max(max(shape) for shape in config.model.layer_shapes(head_dim).values())
+  return kernel_chunk(config.chunk_size, driver) * widest > blocks.max_chunk_activations
+
+
 def sliced_width(model, head_dim: int, blocks: KernelBlocks) -> int:
   """Hidden units per slice when the state is streamed from memory (0: carried as a value)."""
   if model.kind != "mlp" or model.depth != 2 or not blocks.hidden_slice:
@@ -201,7 +213,8 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
             "LayerNorm are not in the kernel)")
   if rule.kind not in ("gd", "titans"):
     return f"rule={rule.kind!r} (the kernel does gd and titans)"
-  width = sliced_width(model, head_dim, blocks)
+  tiled = uses_tiles(config, head_dim, driver, blocks)
+  width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
   if width:
     hidden = model.hidden_dim(head_dim)
@@ -223,7 +236,7 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
               "(KernelBlocks.max_state_bytes / 4 for float32 compute)")
     widest = max(max(shape) for shape in shapes.values())
     chunk = kernel_chunk(config.chunk_size, driver)
-    if chunk * widest > blocks.max_chunk_activations:
+    if not tiled and chunk * widest > blocks.max_chunk_activations:
       padded = f" (padded from {config.chunk_size})" if chunk != config.chunk_size else ""
       return (f"chunk_size={chunk}{padded} x widest layer {widest} > KernelBlocks."
               f"max_chunk_activations={blocks.max_chunk_activations} (large chunks are XLA's "
@@ -235,6 +248,9 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
       sizes.update({f"{name}.out": o for name, (o, _) in model.layer_shapes(head_dim).items()})
       if width:
         sizes["hidden_slice"] = width
+      if tiled:
+        from tnt_jax.kernels.chunk_start import tile_size    # it imports this module
+        sizes["tile"] = tile_size(config.chunk_size, blocks, driver)
       for name, size in sizes.items():
         if not _is_power_of_2(size) or size < 16:
           return (f"{name}={size}: the GPU lowering needs powers of 2 >= 16 for every matmul "
@@ -266,9 +282,8 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
   `coefs_in_layout`). Returns (weights', momentum', out float32 in the layout of q)."""
   acc = jnp.promote_types(compute_dtype, jnp.float32)
   lay = ChunkLayout(layout, compute_dtype)
-  graph = _swiglu_graph if config.model.kind == "swiglu" else _chain_graph
-  v = v.astype(acc)
-  loss_grad = lambda y: 2.0 * (y - v) if config.loss == "l2" else -v
+  graph = model_graph(config.model)
+  loss_grad = loss_gradient(config, v.astype(acc))
   # Keys: forward at W0 and back: per layer its input a_i and delta_i = d loss / d (its output),
   # so that the layer's gradient is delta_i^T a_i.
   inputs, deltas = graph(weights, k.astype(acc), None, lay, config.model.activation, loss_grad)
@@ -296,6 +311,16 @@ def _chunk_step(weights: list, momentum: list | None, q, k, v, c: ChunkCoefs, *,
       new_momentum.append(c.end_ss0 * momentum[i] + outer(c.end_sx, i))
     new_weights.append(w1)
   return new_weights, new_momentum, out
+
+
+def model_graph(model):
+  """The memory model's keys/read graph (`_chain_graph` or `_swiglu_graph`)."""
+  return _swiglu_graph if model.kind == "swiglu" else _chain_graph
+
+
+def loss_gradient(config: MemoryConfig, v):
+  """d loss / d y for the chunk's values v (float32+): the l2 loss |y - v|^2 or the dot loss."""
+  return (lambda y: 2.0 * (y - v)) if config.loss == "l2" else (lambda y: -v)
 
 
 def _chain_graph(weights, x, layer_read, lay, act, loss_grad):
@@ -867,6 +892,10 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                               interpret=bool(interpret), blocks=blocks)
   if reason is not None:
     raise ValueError(f"the fused kernel does not support this op: {reason}")
+  if uses_tiles(config, q_BxTxHxD.shape[-1], driver, blocks):
+    from tnt_jax.kernels.chunk_start import tiled_chunk_start_memory   # it imports this module
+    return tiled_chunk_start_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
+                                    driver=driver, interpret=interpret, blocks=blocks)
   blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                    padded_chunk=kernel_chunk(config.chunk_size, driver), driver=driver,
