@@ -42,7 +42,7 @@ from tnt_jax.layers import MemoryLayer, TitansLayerConfig, TNTLayerConfig
 from tnt_jax.layers.flops import memory_layer_flops
 from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops import flops
-from tnt_jax.kernels.chunk_memory import KernelBlocks
+from tnt_jax.kernels.chunk_memory import PLATFORM_DRIVER, KernelBlocks, uses_tiles
 from tnt_jax.ops.api import kernel_fallback_reason, memory_op
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
 
@@ -309,6 +309,9 @@ def run_kernel_mode(peak):
               if reason:
                 yield dict(row, fallback=reason)
                 continue
+              driver = PLATFORM_DRIVER.get(jax.default_backend(), "sequential_grid")
+              row["kernel"] = ("tiles" if uses_tiles(config, head_dim, driver,
+                                                     blocks or KernelBlocks()) else "rows")
             args = op_inputs(config, b, length, h, head_dim, dtype)
             fn = _op_case(config, None, backward, implementation, blocks)
             count = flops.memory_op_flops(config, b, length, h, head_dim, backward)
@@ -325,6 +328,7 @@ def format_kernel_row(r) -> str:
   if "seconds" not in r:
     return f"{name} falls back to xla: {r['fallback']}"
   note = f"  [xla for {r['fallback']}]" if r.get("fallback") else ""
+  note += f"  [{r['kernel']} kernel]" if r.get("kernel") else ""
   return (f"{name} {r['tokens_per_s'] / 1e3:10.1f}K tok/s {r['seconds'] * 1e3:9.2f} ms "
           f"{r['tflops']:7.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  mem {r['memory_gb']:6.2f} GB"
           f"{note}")

@@ -99,6 +99,8 @@ class KernelBlocks:
     at C = 64; docs/kernel_notes.md). A chunk-start read past this limit (TNT's global memory)
     runs on the tile kernel instead (kernels/chunk_start.py), in interpret mode too.
   tile: tokens per program of that tile kernel (a power of 2; a smaller chunk is one tile).
+    32 keeps an mlp tile's float32 activations (32 x hidden 256) in registers: the compiler
+    reports 96 bytes of forward spills at 32 and 4 KB at 64 (docs/kernel_notes.md, v8).
   """
   num_warps: int | None = None
   num_stages: int = 1
@@ -109,7 +111,7 @@ class KernelBlocks:
   backward_num_warps: int | None = None
   hidden_slice: int = 0
   layout: str | None = None
-  tile: int = 64
+  tile: int = 32
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:

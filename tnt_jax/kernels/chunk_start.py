@@ -72,8 +72,8 @@ class _TileStatic(NamedTuple):
 
 
 def _tile_fn(static: _TileStatic, weights, q, k, v, c_w, c_s):
-  """One tile at W0. weights: [out, in] float32 per layer; q, k, v: [T, d]; c_w, c_s: [T, 1]
-  float32 (c_s None without momentum). Returns (out [T, d], [c_w * delta per layer],
+  """One tile at W0. weights: [out, in] per layer, in the compute dtype; q, k, v: [T, d];
+  c_w, c_s: [T, 1] float32 (c_s None without momentum). Returns (out [T, d], [c_w * delta per layer],
   [c_s * delta per layer], [input per layer not fed by the keys]), all in the compute dtype."""
   config = static.config
   cd = q.dtype
@@ -94,7 +94,9 @@ def _tile_fn(static: _TileStatic, weights, q, k, v, c_w, c_s):
 def _compiler_params(static: _TileStatic, backward: bool):
   if static.driver == "chunk_loop" and not static.interpret:
     from jax.experimental.pallas import triton as pltriton
-    warps = static.blocks.num_warps or 4
+    # A tile's float32 activations are [T, widest layer]: 8 warps for an mlp (T = 32, hidden
+    # 256: no forward spills, experiments/kernel_ptx.py), 4 for a linear memory.
+    warps = static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
     if backward and static.blocks.backward_num_warps:
       warps = static.blocks.backward_num_warps
     return pltriton.CompilerParams(num_warps=warps, num_stages=static.blocks.num_stages)
@@ -134,7 +136,7 @@ def _out_shapes(static: _TileStatic, weights, q):
 
 
 def _tile_forward(static: _TileStatic, weights, q, k, v, c_w, c_s):
-  """The tile pass over one chunk of every row: weights [R, out, in] float32 per layer; q, k, v
+  """The tile pass over one chunk of every row: weights [R, out, in] per layer; q, k, v
   [R, C, d]; c_w, c_s [R, C, 1]. Returns _tile_fn's outputs, each [R, C, width]."""
   depth = len(weights)
   has_s = c_s is not None
@@ -228,7 +230,7 @@ def _tile_backward(static: _TileStatic, weights, q, k, v, c_w, c_s, cotangents):
       out_specs=partial_specs + [_tile_spec(s.shape, static.tile) for s in token_shapes],
       compiler_params=_compiler_params(static, backward=True), interpret=static.interpret,
       name=f"chunk_start_tiles_bwd_{static.config.model.kind}")(*inputs)
-  d_weights = [p.sum(axis=1) for p in results[:depth]]
+  d_weights = [p.sum(axis=1).astype(w.dtype) for p, w in zip(results[:depth], weights)]
   dq, dk, dv, dcw = results[depth:depth + 4]
   dcs = results[depth + 4] if has_s else None
   return d_weights, dq, dk, dv, dcw, dcs
@@ -295,7 +297,10 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
   def step(carry, xs):
     w0, s0 = carry
     qc, kc, vc, (p, q_coef, r, c_w, c_s) = xs
-    out, scaled_w, scaled_s, fed = _tile_pass(static, w0, qc, kc, vc, c_w, c_s)
+    # The kernel's matmuls read W0 in the compute dtype; casting once here halves what every
+    # program loads and holds (the cast is the one the matmuls would make).
+    w0_cd = [w.astype(cd) for w in w0]
+    out, scaled_w, scaled_s, fed = _tile_pass(static, w0_cd, qc, kc, vc, c_w, c_s)
     fed = iter(fed)
     inputs = [kc if is_key else next(fed) for is_key in keyed]
     # p, q_coef, r: [R, 1, 1] against the [R, out, in] states.
