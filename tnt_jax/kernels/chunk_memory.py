@@ -96,11 +96,13 @@ class KernelBlocks:
   max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
-    at C = 64; docs/kernel_notes.md). A chunk-start read past this limit (TNT's global memory)
-    runs on the tile kernel instead (kernels/chunk_start.py), in interpret mode too.
-  tile: tokens per program of that tile kernel (a power of 2; a smaller chunk is one tile).
-    32 keeps an mlp tile's float32 activations (32 x hidden 256) in registers: the compiler
-    reports 96 bytes of forward spills at 32 and 4 KB at 64 (docs/kernel_notes.md, v8).
+    at C = 64; docs/kernel_notes.md).
+  tile: 0 (off), or a power of 2: a chunk-start read past max_chunk_activations (TNT's global
+    memory) then runs on the tile kernel (kernels/chunk_start.py; in interpret mode too) with
+    this many tokens per program; a smaller chunk is one tile. Off by default: measured on an
+    H100 at C = 2048 it is no faster than XLA forward and 1.4-2x slower forward+backward
+    (docs/kernel_notes.md, v8), so those reads run on XLA. 32 is the measured best tile (an mlp
+    tile's float32 activations, 32 x hidden 256, stay in registers).
   """
   num_warps: int | None = None
   num_stages: int = 1
@@ -111,7 +113,7 @@ class KernelBlocks:
   backward_num_warps: int | None = None
   hidden_slice: int = 0
   layout: str | None = None
-  tile: int = 32
+  tile: int = 0
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
@@ -121,20 +123,22 @@ class KernelBlocks:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
-                 "save_every", "backward_num_warps", "tile"):   # hidden_slice: below
+                 "save_every", "backward_num_warps"):   # hidden_slice, tile: below
       value = getattr(self, name)
       if name in ("num_warps", "save_every", "backward_num_warps") and value is None:
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
-    for name in ("num_warps", "backward_num_warps", "tile"):
+    for name in ("num_warps", "backward_num_warps"):
       value = getattr(self, name)
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
+    for name in ("hidden_slice", "tile"):
+      value = getattr(self, name)
+      if (not isinstance(value, int) or isinstance(value, bool) or value < 0
+          or value & (value - 1)):
+        raise ValueError(f"KernelBlocks.{name}={value!r} must be 0 (off) or a power of 2")
     slice_ = self.hidden_slice
-    if (not isinstance(slice_, int) or isinstance(slice_, bool) or slice_ < 0
-        or slice_ & (slice_ - 1)):
-      raise ValueError(f"KernelBlocks.hidden_slice={slice_!r} must be 0 (off) or a power of 2")
     if slice_ and self.layout == "features":
       raise ValueError(f"KernelBlocks.hidden_slice={slice_} streams a token-major state; "
                        f"layout={self.layout!r} needs hidden_slice=0")
@@ -190,8 +194,9 @@ def kernel_chunk(chunk_size: int, driver: str) -> int:
 
 def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks) -> bool:
   """Whether the op runs on the chunk-start tile kernel (kernels/chunk_start.py) rather than the
-  row kernel: a chunk-start read whose chunk is past the row kernel's activation limit."""
-  if config.read != "chunk_start":
+  row kernel: a chunk-start read whose chunk is past the row kernel's activation limit, with
+  KernelBlocks.tile set (opt-in)."""
+  if config.read != "chunk_start" or not blocks.tile:
     return False
   widest = max(max(shape) for shape in config.model.layer_shapes(head_dim).values())
   return kernel_chunk(config.chunk_size, driver) * widest > blocks.max_chunk_activations
@@ -240,9 +245,11 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     chunk = kernel_chunk(config.chunk_size, driver)
     if not tiled and chunk * widest > blocks.max_chunk_activations:
       padded = f" (padded from {config.chunk_size})" if chunk != config.chunk_size else ""
+      opt_in = (" KernelBlocks.tile > 0 runs it on the tile kernel, measured no faster"
+                if config.read == "chunk_start" else "")
       return (f"chunk_size={chunk}{padded} x widest layer {widest} > KernelBlocks."
               f"max_chunk_activations={blocks.max_chunk_activations} (large chunks are XLA's "
-              "batched matmuls)")
+              f"batched matmuls;{opt_in or ' the row kernel holds a chunk in registers'})")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
     if driver == "chunk_loop":
