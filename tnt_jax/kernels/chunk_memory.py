@@ -37,7 +37,8 @@ are plain JAX, so their gradients come from autodiff):
   "xla"    version 1: recompute with the jnp reference and take its vjp.
 
 Supported: models "linear", "mlp" (any depth) and "swiglu" without bias or residual norm; losses
-l2 and dot; rules gd and titans; both read modes. Anything else (TTT's bias/LayerNorm, the lact
+l2 and dot; rules gd and titans; both read modes. A chunk-start read whose chunk is past the
+activation limit runs, with KernelBlocks.tile set, on the tile kernel (kernels/chunk_start.py). Anything else (TTT's bias/LayerNorm, the lact
 rule) is refused by `unsupported_reason` and ops/api.py falls back to XLA with a logged reason.
 """
 
