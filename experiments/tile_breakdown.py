@@ -2,16 +2,13 @@
 
 Times, for one chunk of every row (batch x heads rows, C = --chunk tokens): the tile kernel's
 forward, the outer-sum GEMMs that reduce its outputs, the tile kernel's backward, the whole op
-(one chunk) forward and forward+backward on the tile path, and the same on XLA's path; the GEMMs
-and XLA's path also with the chunk's sum in one group (no split-K, chunkwise.token_split). Uses the
+(one chunk) forward and forward+backward on the tile path, and the same on XLA's path. Uses the
 benchmark's flags for batch, heads, expansion, rule and dtype:
 
-    python -m experiments.tile_breakdown --chunk=2048 --head_dims=64 --kernel_blocks=tile=32,tile=16
+    python -m experiments.tile_breakdown --chunk=2048 --head_dims=64 --kernel_blocks=default,tile=16
 """
 
 from __future__ import annotations
-
-from unittest import mock
 
 from absl import app, flags
 import jax
@@ -21,7 +18,6 @@ from experiments.benchmark import FLAGS, median_seconds, op_inputs
 from tnt_jax.kernels import chunk_memory as cm
 from tnt_jax.kernels import chunk_start as cs
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
-from tnt_jax.ops import chunkwise
 from tnt_jax.ops.api import memory_op
 
 flags.DEFINE_integer("chunk", 2048, "tokens in the chunk (one chunk per row is timed)")
@@ -69,26 +65,15 @@ def _pieces(config, blocks, head_dim, dtype):
   op = lambda impl: (lambda *a: memory_op(*a[:4], a[4], {}, config, implementation=impl,
                                           kernel_blocks=blocks))
   whole = (q, k, v, gates, state)
-  unsplit = lambda fn, args: _without_split_k(fn, args)
   return [
       ("tile kernel fwd", tile_fwd, (weights, qr, kr, vr, c_w, c_s)),
       ("outer-sum GEMMs", jax.jit(gemms), (outputs, kr)),
-      ("  ... no split-K", unsplit(gemms, (outputs, kr)), (outputs, kr)),
       ("tile kernel bwd", tile_bwd, (weights, qr, kr, vr, c_w, c_s, outputs)),
       ("tile path fwd", jax.jit(op(kernel_impl)), whole),
       ("tile path fwd+bwd", jax.jit(_loss_grad(op(kernel_impl))), whole),
       ("xla path fwd", jax.jit(op("xla")), whole),
-      ("  ... no split-K", unsplit(op("xla"), whole), whole),
       ("xla path fwd+bwd", jax.jit(_loss_grad(op("xla"))), whole),
-      ("  ... no split-K", unsplit(_loss_grad(op("xla")), whole), whole),
   ]
-
-
-def _without_split_k(fn, args):
-  """fn compiled with the outer-product sums over the whole chunk at once (one group), as
-  before chunkwise.token_split, for a side-by-side timing in this process."""
-  with mock.patch.object(chunkwise, "SPLIT_K_TOKENS", 1 << 30):
-    return jax.jit(fn).lower(*args).compile()
 
 
 def main(_):
@@ -101,9 +86,6 @@ def main(_):
       config = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", "chunk_start", FLAGS.chunk)
       for spec in FLAGS.kernel_blocks:
         blocks = cm.KernelBlocks.from_spec(spec)
-        if not blocks.tile:
-          raise ValueError(f"--kernel_blocks={spec!r}: the tile kernel is opt-in; name a tile "
-                           "(e.g. tile=32)")
         for name, fn, args in _pieces(config, blocks, head_dim, dtype):
           ms = 1e3 * median_seconds(fn, args, FLAGS.warmup, FLAGS.reps)
           print(f"{model_name:7s} d={head_dim:<4d} {spec:28s} {name:20s} {ms:9.3f} ms",

@@ -6,8 +6,6 @@ activation limit, so `kernel_memory` routes them to the tile kernel (as TNT's gl
 C = 2048 is); lengths are not a multiple of the chunk, and some chunks not of the tile.
 """
 
-from unittest import mock
-
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
@@ -130,14 +128,6 @@ class ChunkStartTileInterpretTest(ChunkStartTileTest):
     length = 64 * (chunkwise.FULL_UNROLL_MAX_CHUNKS + 2) - 5
     self._check(config, 64, "float64", _seed("tiles-long"), length=length,
                 blocks=KernelBlocks(tile=16, max_chunk_activations=1024))
-
-  @parameterized.parameters("mlp", "swiglu")
-  def test_split_k_reduction(self, model):
-    """The reduction over the chunk in groups of tokens (2048-token chunks: groups of 256);
-    groups of 32 here, 4 per chunk."""
-    with mock.patch.object(chunkwise, "SPLIT_K_TOKENS", 32):
-      self.assertEqual(chunkwise.token_split(CHUNK), 4)
-      self._check(_config(model, "titans"), 64, "float64", _seed("tiles-splitk", model))
 
   def test_agrees_with_the_xla_path_in_bfloat16(self):
     """Same operand roundings as ops/chunkwise.py: the two differ by accumulation order only."""

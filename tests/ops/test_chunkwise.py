@@ -1,7 +1,6 @@
 """The chunkwise op against the token-level reference: outputs, final states, all gradients."""
 
 import itertools
-from unittest import mock
 import zlib
 
 from absl.testing import absltest, parameterized
@@ -10,7 +9,6 @@ import jax.numpy as jnp
 
 from tests.helpers import assert_trees_rel_close, random_inputs, rel_err
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
-from tnt_jax.ops import chunkwise
 from tnt_jax.ops.api import memory_op
 
 MODELS = {
@@ -88,17 +86,6 @@ class ChunkwiseVsReferenceTest(parameterized.TestCase):
     config = MemoryConfig(MODELS[model], rule, loss, read, chunk)
     # 19 is a multiple of none of the chunk sizes: the last chunk is always partial.
     self.check(config, length=19, seed=_seed(model, loss, rule_read, chunk))
-
-  @parameterized.product(model=("mlp", "ttt_mlp3"),
-                         rule_read=("titans_chunk_start", "gd_cumulative", "lact_momentum_muon"))
-  def test_split_k_outer_sums_match_reference(self, model, rule_read):
-    """The chunk's update summed in groups of tokens (split-K; 2048-token chunks use groups of
-    256): groups of 4 here, chunk 12 -> 3 groups, the last chunk partial."""
-    rule, read = RULE_READS[rule_read]
-    with mock.patch.object(chunkwise, "SPLIT_K_TOKENS", 4):
-      self.assertEqual(chunkwise.token_split(12), 3)
-      self.check(MemoryConfig(MODELS[model], rule, "l2", read, 12), length=29,
-                 seed=_seed("split-k", model, rule_read))
 
   @parameterized.product(model=("ttt_linear", "ttt_mlp3"), rule_read=tuple(RULE_READS))
   def test_residual_norm_bias_variants(self, model, rule_read):

@@ -257,15 +257,13 @@ _tile_pass.defvjp(_tile_pass_fwd, _tile_pass_bwd)
 
 def _outer_sum(scaled_RxCxO, inputs_RxCxI, compute_dtype):
   """sum over the chunk's tokens of scaled_j a_j^T per row: [R, out, in], accumulated in
-  float32+ (true float32 for float32 compute, as the kernels' matmuls), split-K over the tokens
-  as XLA's path does (chunkwise.token_split)."""
+  float32+ (true float32 for float32 compute, as the kernels' matmuls)."""
   acc = jnp.promote_types(compute_dtype, jnp.float32)
   precision = (jax.lax.Precision.HIGHEST if jnp.dtype(compute_dtype) == jnp.dtype(acc)
                else jax.lax.Precision.DEFAULT)
-  matmul = lambda eq, x, y: jnp.einsum(eq, x.astype(compute_dtype), y.astype(compute_dtype),
-                                       precision=precision, preferred_element_type=acc)
-  return chunkwise.split_k_outer("rsco,rsci->rsoi", scaled_RxCxO, inputs_RxCxI, matmul,
-                                 token_axis=1)
+  return jax.lax.dot_general(scaled_RxCxO, inputs_RxCxI.astype(compute_dtype),
+                             (((1,), (1,)), ((0,), (0,))), precision=precision,
+                             preferred_element_type=acc)
 
 
 def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates,

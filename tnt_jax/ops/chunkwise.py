@@ -89,39 +89,6 @@ def scan_chunks(step, carry, xs, num_chunks: int, unroll: int):
   return carry, jax.tree.map(lambda y: y.reshape((num_chunks,) + y.shape[2:]), ys)
 
 
-# Tokens per group of the split-K outer-product sums (`token_split`).
-SPLIT_K_TOKENS = 256
-
-
-def token_split(chunk: int) -> int:
-  """Groups a chunk's tokens are summed in before the groups are summed (split-K).
-
-  A chunk's update sum_j c_j delta_j a_j^T is, per (batch, head), a GEMM whose output is one
-  [out, in] state and whose contraction is the chunk's C tokens: at C = 2048 with 12 heads XLA's
-  GEMM gets a dozen output tiles and a long K loop (~13 TFLOP/s on an H100, as long as the rest of
-  the chunk's forward; docs/kernel_notes.md v8). Summing groups of SPLIT_K_TOKENS tokens as a
-  batch, then the groups (float32), gives it C / SPLIT_K_TOKENS times the thread blocks.
-  """
-  groups = max(chunk // SPLIT_K_TOKENS, 1)
-  while chunk % groups:
-    groups -= 1
-  return groups
-
-
-def split_k_outer(eq_batch: str, scaled, inputs, matmul, token_axis: int):
-  """matmul(eq, scaled, inputs) summing over the token axis in `token_split` groups.
-
-  eq_batch: the einsum with the token axis named "c" and a free letter "s" before it on both
-  inputs and in the output, e.g. "bhsco,bhsci->bhsoi"; with one group "s" is dropped."""
-  groups = token_split(scaled.shape[token_axis])
-  if groups == 1:
-    return matmul(eq_batch.replace("s", ""), scaled, inputs)
-  split = lambda x: x.reshape(x.shape[:token_axis] + (groups, x.shape[token_axis] // groups)
-                              + x.shape[token_axis + 1:])
-  out_axis = eq_batch.split("->")[1].index("s")
-  return jnp.sum(matmul(eq_batch, split(scaled), split(inputs)), axis=out_axis)
-
-
 def default_unroll(num_chunks: int) -> int:
   """Measured on an H100 (docs/op_benchmark.md): unrolling a short scan over a few large chunks
   fully is 2.5x faster at C=2048; over many small chunks, 4 steps per loop trip remove most of the
@@ -175,8 +142,7 @@ class _ChunkMath:
     out = {}
     for name, layer in like.items():
       scaled = deltas[name] * coef_BxHxC[..., None]
-      out[name] = {"w": split_k_outer("bhsco,bhsci->bhsoi", scaled, inputs[name], self.mm,
-                                      token_axis=2)}
+      out[name] = {"w": self.mm("bhco,bhci->bhoi", scaled, inputs[name])}
       if "b" in layer:
         out[name]["b"] = jnp.sum(scaled, axis=2)
     return out
