@@ -5,7 +5,7 @@ forward, the outer-sum GEMMs that reduce its outputs, the tile kernel's backward
 (one chunk) forward and forward+backward on the tile path, and the same on XLA's path. Uses the
 benchmark's flags for batch, heads, expansion, rule and dtype:
 
-    python -m experiments.tile_breakdown --chunk=2048 --head_dims=64 --kernel_blocks=default,tile=16
+    python -m experiments.tile_breakdown --chunk=2048 --head_dims=64 --kernel_blocks=tile=32,tile=16
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ def main(_):
       config = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", "chunk_start", FLAGS.chunk)
       for spec in FLAGS.kernel_blocks:
         blocks = cm.KernelBlocks.from_spec(spec)
+        if not blocks.tile:
+          raise ValueError(f"--kernel_blocks={spec!r}: the tile kernel is opt-in; name a tile "
+                           "(e.g. tile=32)")
         for name, fn, args in _pieces(config, blocks, head_dim, dtype):
           ms = 1e3 * median_seconds(fn, args, FLAGS.warmup, FLAGS.reps)
           print(f"{model_name:7s} d={head_dim:<4d} {spec:28s} {name:20s} {ms:9.3f} ms",
