@@ -61,8 +61,9 @@ def _seed(*names):
   return zlib.crc32("/".join(map(str, names)).encode()) % 100_000
 
 
-class ChunkMemoryKernelTest(parameterized.TestCase):
-  """Compiled on the accelerator; subclasses set INTERPRET to run it anywhere."""
+class KernelTestCase(parameterized.TestCase):
+  """A kernel compiled on the accelerator (skipped elsewhere) against the token reference;
+  subclasses set INTERPRET to run it anywhere. No tests of its own."""
 
   INTERPRET = False
   DRIVERS = (None,)          # None: the platform's driver
@@ -79,6 +80,9 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
     """The kernel's `interpret` argument."""
     return self.INTERPRET
 
+  def _before_check(self, config, head_dim, dtype, blocks):
+    """A subclass's preconditions on the case (may skip it)."""
+
   def _kernel(self, config, driver, blocks=KernelBlocks()):
     return lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
                                                interpret=self._interpret(), blocks=blocks)
@@ -86,6 +90,7 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
   def _check(self, config, head_dim, dtype, seed, blocks=KernelBlocks(), length=LENGTH):
     if dtype not in self.DTYPES:
       self.skipTest(f"{dtype} is not compiled")
+    self._before_check(config, head_dim, dtype, blocks)
     args = _inputs(config, head_dim, getattr(jnp, dtype), seed, length)
     ref_dtype = jnp.float32 if dtype == "bfloat16" else getattr(jnp, dtype)
     ref_args = jax.tree.map(lambda x: x.astype(jnp.promote_types(ref_dtype, x.dtype)), args)
@@ -105,6 +110,11 @@ class ChunkMemoryKernelTest(parameterized.TestCase):
       assert_trees_rel_close(self, state, ref_state, tol, what + "state")
       for name, g, r in zip(("q", "k", "v", "gates", "state"), grads, ref_grads):
         assert_trees_rel_close(self, g, r, tol, f"{what}d_{name}")
+
+
+
+class ChunkMemoryKernelTest(KernelTestCase):
+  """The row kernel, compiled on the accelerator; subclasses interpret it anywhere."""
 
   @parameterized.product(model=tuple(MODELS), rule_read=tuple(RULE_READS))
   def test_matches_reference_float32(self, model, rule_read):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from tests.helpers import assert_trees_rel_close
-from tests.kernels.test_chunk_memory import TOLERANCE, _inputs, _outputs_and_vjp, _seed
+from tests.kernels.test_chunk_memory import KernelTestCase, _inputs, _seed
 from tnt_jax.kernels import chunk_memory, chunk_start
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
@@ -29,27 +29,14 @@ def _config(model, rule, loss="l2", chunk=CHUNK):
   return MemoryConfig(MODELS[model], UpdateRule(rule), loss, "chunk_start", chunk)
 
 
-class ChunkStartTileTest(parameterized.TestCase):
-  """Compiled on the accelerator; subclasses set INTERPRET to run it anywhere."""
-
-  INTERPRET = False
-  DRIVERS = (None,)
-  DTYPES = ("float32", "bfloat16")
-
-  def setUp(self):
-    super().setUp()
-    if not self.INTERPRET and jax.default_backend() not in chunk_memory.PLATFORM_DRIVER:
-      self.skipTest(f"no compiled Pallas kernel on {jax.default_backend()!r}")
-    jax.config.update("jax_enable_x64", True)
-    self.addCleanup(jax.config.update, "jax_enable_x64", False)
-
-  def _interpret(self):
-    return self.INTERPRET
+class ChunkStartTileTest(KernelTestCase):
+  """The tile kernel, compiled on the accelerator; subclasses interpret it anywhere."""
 
   def _check(self, config, head_dim, dtype, seed, blocks=KernelBlocks(tile=TILE),
              length=LENGTH):
-    if dtype not in self.DTYPES:
-      self.skipTest(f"{dtype} is not compiled")
+    super()._check(config, head_dim, dtype, seed, blocks, length)
+
+  def _before_check(self, config, head_dim, dtype, blocks):
     for driver in self.DRIVERS:
       resolved = driver or chunk_memory.PLATFORM_DRIVER.get(jax.default_backend(),
                                                             "sequential_grid")
@@ -60,26 +47,6 @@ class ChunkStartTileTest(parameterized.TestCase):
                                                blocks=blocks)
       if reason is not None:    # a compiled size rule (float32 states); the op falls back
         self.skipTest(f"the compiled kernel refuses this case: {reason}")
-    args = _inputs(config, head_dim, getattr(jnp, dtype), seed, length)
-    ref_dtype = jnp.float32 if dtype == "bfloat16" else getattr(jnp, dtype)
-    ref_args = jax.tree.map(lambda x: x.astype(jnp.promote_types(ref_dtype, x.dtype)), args)
-    reference = lambda q, k, v, g, s: memory_op(q, k, v, g, s, {}, config,
-                                                implementation="reference")
-    with jax.default_matmul_precision("highest"):    # a true-float32 reference on GPU too
-      (ref_out, ref_state), ref_grads = jax.jit(
-          lambda a: _outputs_and_vjp(reference, a, seed))(ref_args)
-    tol = TOLERANCE[dtype]
-    for driver in self.DRIVERS:
-      kernel = lambda q, k, v, g, s: kernel_memory(q, k, v, g, s, config, driver=driver,
-                                                   interpret=self._interpret(), blocks=blocks)
-      (out, state), grads = jax.jit(lambda a: _outputs_and_vjp(kernel, a, seed))(args)
-      self.assertEqual(out.dtype, args[0].dtype)
-      self.assertEqual(out.shape, args[0].shape)
-      what = f"{driver}/{dtype}/"
-      assert_trees_rel_close(self, out, ref_out, tol, what + "out")
-      assert_trees_rel_close(self, state, ref_state, tol, what + "state")
-      for name, g, r in zip(("q", "k", "v", "gates", "state"), grads, ref_grads):
-        assert_trees_rel_close(self, g, r, tol, f"{what}d_{name}")
 
   @parameterized.product(model=tuple(MODELS), rule=("gd", "titans"))
   def test_matches_reference_float32(self, model, rule):
