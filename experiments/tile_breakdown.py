@@ -51,7 +51,7 @@ def _pieces(config, blocks, head_dim, dtype):
                           not gpu, blocks)
   tile_fwd = jax.jit(lambda *a: cs._tile_forward(static, *a))
   outputs = tile_fwd(weights, qr, kr, vr, c_w, c_s)
-  keyed = cs.key_input_layers(config.model)
+  keyed = cs.key_input_layers(config.model, len(names))
 
   def gemms(outputs, k):
     _, scaled_w, scaled_s, fed = outputs

@@ -32,6 +32,20 @@ class GpuLoweringTest(parameterized.TestCase):
       self.assertIn("tt.dot", kernel.ttir)
       self.assertEqual(kernel.num_warps, 4 if kind == "linear" else 8)
 
+  @parameterized.parameters("mlp", "swiglu")
+  def test_tile_kernel_lowers_to_triton_ir(self, kind):
+    """A chunk-start read past the row kernel's limit, with the opt-in tile kernel."""
+    config = MemoryConfig(MemoryModel(kind, expansion=2.0), UpdateRule("titans"), "l2",
+                          "chunk_start", 2048)
+    args = random_inputs(config, jax.random.key(0), batch=1, length=2100, heads=2,
+                         head_dim=64, dtype=jnp.bfloat16)[:5]
+    kernels = lower_kernels(config, KernelBlocks(tile=32), True, args)
+    self.assertEqual(sorted({kernel.name for kernel in kernels}),
+                     [f"chunk_start_tiles_{d}_{kind}" for d in ("bwd", "fwd")])
+    for kernel in kernels:
+      self.assertIn("tt.dot", kernel.ttir)
+      self.assertEqual(kernel.num_warps, 8)
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -38,8 +38,9 @@ are plain JAX, so their gradients come from autodiff):
 
 Supported: models "linear", "mlp" (any depth) and "swiglu" without bias or residual norm; losses
 l2 and dot; rules gd and titans; both read modes. A chunk-start read whose chunk is past the
-activation limit runs, with KernelBlocks.tile set, on the tile kernel (kernels/chunk_start.py). Anything else (TTT's bias/LayerNorm, the lact
-rule) is refused by `unsupported_reason` and ops/api.py falls back to XLA with a logged reason.
+activation limit runs, with KernelBlocks.tile set, on the tile kernel (kernels/chunk_start.py).
+Anything else (TTT's bias/LayerNorm, the lact rule) is refused by `unsupported_reason` and
+ops/api.py falls back to XLA with a logged reason.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class KernelBlocks:
   tile: 0 (off), or a power of 2: a chunk-start read past max_chunk_activations (TNT's global
     memory) then runs on the tile kernel (kernels/chunk_start.py; in interpret mode too) with
     this many tokens per program; a smaller chunk is one tile. Off by default: measured on an
-    H100 at C = 2048 it is no faster than XLA forward and 1.4-2x slower forward+backward
+    H100 at C = 2048 the Titans mlp's forward is 1.2x XLA's but its forward+backward 2x slower
     (docs/kernel_notes.md, v8), so those reads run on XLA. 32 is the measured best tile (an mlp
     tile's float32 activations, 32 x hidden 256, stay in registers).
   """
@@ -656,7 +657,9 @@ def _carry_step(static: _Static, compute_dtype):
   return step
 
 
-def _gpu_params(static: _Static, backward: bool = False) -> dict:
+def _gpu_params(static, backward: bool = False) -> dict:
+  """Triton launch parameters from static.blocks and static.config (the row kernel's _Static or
+  the tile kernel's)."""
   num_warps = static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
   if backward and static.blocks.backward_num_warps:
     num_warps = static.blocks.backward_num_warps
@@ -843,7 +846,7 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   """Lay the op out as rows (each chunk padded to padded_chunk tokens; [R, N, C, d], or
   [R, N, d, C] for KernelBlocks.layout "features"), run `row_fn(static, q, k, v, coefs, state)`,
   and lay it back."""
-  b, t, h, d = q_BxTxHxD.shape
+  _, t, _, d = q_BxTxHxD.shape
   chunk = config.chunk_size
   padded_chunk = padded_chunk or chunk
   n = -(-t // chunk)
@@ -867,13 +870,23 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
                                 rows_state)
   if feature_major:
     out_rows = jnp.swapaxes(out_rows, -1, -2)
-  out_rows = out_rows[:, :, :chunk]        # drop the padded tokens' reads
-  out = jnp.moveaxis(out_rows.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
+  depth = len(names)
+  return from_rows(out_rows, final_rows[:depth], final_rows[depth:] if has_s else None, names,
+                   q_BxTxHxD.shape, chunk, cd)
+
+
+def from_rows(out_RxNxCxD, weights_rows, momentum_rows, names, shape_BxTxHxD, chunk,
+              dtype) -> tuple[Array, MemoryState]:
+  """Row-layout results back to the op's contract: outputs [B, T, H, D] in dtype (each chunk's
+  padded tokens and the padded tail dropped) and the state with leaves [B, H, out, in]."""
+  b, t, h, d = shape_BxTxHxD
+  n = out_RxNxCxD.shape[1]
+  out = out_RxNxCxD[:, :, :chunk].reshape(b, h, n * chunk, d)[:, :, :t]
   unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
                          for nm, r in zip(names, rows)}
-  depth = len(names)
-  return out, MemoryState(unflat(final_rows[:depth]),
-                          unflat(final_rows[depth:]) if has_s else None)
+  return (jnp.moveaxis(out, 1, 2).astype(dtype),
+          MemoryState(unflat(weights_rows),
+                      None if momentum_rows is None else unflat(momentum_rows)))
 
 
 # ----------------------------------------------------------------------------- public op

@@ -38,8 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from tnt_jax.kernels import chunk_memory as cm
-from tnt_jax.kernels.step_math import ChunkLayout
-from tnt_jax.kernels.step_math import one_dtype_per_matmul
+from tnt_jax.kernels.step_math import ChunkLayout, dot, one_dtype_per_matmul
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.rules import MemoryState
 from tnt_jax.ops import chunkwise
@@ -47,11 +46,10 @@ from tnt_jax.ops import chunkwise
 Array = jax.Array
 
 
-def key_input_layers(model) -> tuple:
+def key_input_layers(model, depth: int) -> tuple:
   """Per layer, whether its input is the keys themselves (then the GEMM reads k directly)."""
-  names = list(model.layer_shapes(64))
   first = 2 if model.kind == "swiglu" else 1         # swiglu: w1 and w3 both take x
-  return tuple(i < first for i in range(len(names)))
+  return tuple(i < first for i in range(depth))
 
 
 def tile_size(chunk_size: int, blocks: cm.KernelBlocks, driver: str) -> int:
@@ -73,8 +71,9 @@ class _TileStatic(NamedTuple):
 
 def _tile_fn(static: _TileStatic, weights, q, k, v, c_w, c_s):
   """One tile at W0. weights: [out, in] per layer, in the compute dtype; q, k, v: [T, d];
-  c_w, c_s: [T, 1] float32 (c_s None without momentum). Returns (out [T, d], [c_w * delta per layer],
-  [c_s * delta per layer], [input per layer not fed by the keys]), all in the compute dtype."""
+  c_w, c_s: [T, 1] float32 (c_s None without momentum). Returns (out [T, d],
+  [c_w * delta per layer], [c_s * delta per layer], [input per layer not fed by the keys]), all
+  in the compute dtype."""
   config = static.config
   cd = q.dtype
   acc = jnp.promote_types(cd, jnp.float32)
@@ -86,7 +85,7 @@ def _tile_fn(static: _TileStatic, weights, q, k, v, c_w, c_s):
   out = graph(weights, q.astype(acc), lambda i, x: lay.apply(weights[i], x), lay, act, None)
   scaled_w = [(c_w * d).astype(cd) for d in deltas]
   scaled_s = [] if c_s is None else [(c_s * d).astype(cd) for d in deltas]
-  keyed = key_input_layers(config.model)
+  keyed = key_input_layers(config.model, len(weights))
   fed = [a.astype(cd) for a, is_key in zip(inputs, keyed) if not is_key]
   return out.astype(cd), scaled_w, scaled_s, fed
 
@@ -94,12 +93,9 @@ def _tile_fn(static: _TileStatic, weights, q, k, v, c_w, c_s):
 def _compiler_params(static: _TileStatic, backward: bool):
   if static.driver == "chunk_loop" and not static.interpret:
     from jax.experimental.pallas import triton as pltriton
-    # A tile's float32 activations are [T, widest layer]: 8 warps for an mlp (T = 32, hidden
-    # 256: no forward spills, experiments/kernel_ptx.py), 4 for a linear memory.
-    warps = static.blocks.num_warps or (4 if static.config.model.kind == "linear" else 8)
-    if backward and static.blocks.backward_num_warps:
-      warps = static.blocks.backward_num_warps
-    return pltriton.CompilerParams(num_warps=warps, num_stages=static.blocks.num_stages)
+    # The row kernel's warps (8 for an mlp, 4 for a linear memory) suit a tile too: at T = 32
+    # an mlp tile's [32, 256] float32 activations do not spill (experiments/kernel_ptx.py).
+    return pltriton.CompilerParams(**cm._gpu_params(static, backward))
   if static.driver == "sequential_grid" and static.interpret is not True:
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
@@ -128,11 +124,10 @@ def _out_shapes(static: _TileStatic, weights, q):
   sds = lambda width: jax.ShapeDtypeStruct((rows, chunk, width), cd)
   outs = [w.shape[1] for w in weights]                 # rows' [R, out, in]: out at axis 1
   ins = [w.shape[2] for w in weights]
-  keyed = key_input_layers(static.config.model)
-  shapes = ([sds(q.shape[-1])], [sds(o) for o in outs],
+  keyed = key_input_layers(static.config.model, len(weights))
+  return ([sds(q.shape[-1])], [sds(o) for o in outs],
             [sds(o) for o in outs] if static.has_momentum else [],
             [sds(i) for i, is_key in zip(ins, keyed) if not is_key])
-  return shapes
 
 
 def _tile_forward(static: _TileStatic, weights, q, k, v, c_w, c_s):
@@ -256,14 +251,9 @@ _tile_pass.defvjp(_tile_pass_fwd, _tile_pass_bwd)
 
 
 def _outer_sum(scaled_RxCxO, inputs_RxCxI, compute_dtype):
-  """sum over the chunk's tokens of scaled_j a_j^T per row: [R, out, in], accumulated in
-  float32+ (true float32 for float32 compute, as the kernels' matmuls)."""
-  acc = jnp.promote_types(compute_dtype, jnp.float32)
-  precision = (jax.lax.Precision.HIGHEST if jnp.dtype(compute_dtype) == jnp.dtype(acc)
-               else jax.lax.Precision.DEFAULT)
-  return jax.lax.dot_general(scaled_RxCxO, inputs_RxCxI.astype(compute_dtype),
-                             (((1,), (1,)), ((0,), (0,))), precision=precision,
-                             preferred_element_type=acc)
+  """sum over the chunk's tokens of scaled_j a_j^T per row: [R, out, in], with the kernels'
+  matmul rounding (step_math.dot)."""
+  return dot(scaled_RxCxO, inputs_RxCxI, compute_dtype, ((1,), (1,)), batch=((0,), (0,)))
 
 
 def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates,
@@ -273,7 +263,7 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
   state), the contract of ops/api.py. Callers check `chunk_memory.unsupported_reason` first."""
   if config.read != "chunk_start":
     raise ValueError(f"the tiled kernel reads at the chunk start; config.read={config.read!r}")
-  b, t, h, d = q_BxTxHxD.shape
+  _, t, _, d = q_BxTxHxD.shape
   chunk = config.chunk_size
   tile = tile_size(chunk, blocks, driver)
   padded = -(-chunk // tile) * tile                       # identity tokens fill the last tile
@@ -281,7 +271,6 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
   cd = q_BxTxHxD.dtype
   acc = jnp.promote_types(cd, jnp.float32)
   names = list(config.model.layer_shapes(d))
-  depth = len(names)
   has_s = state.momentum is not None
   static = _TileStatic(config, has_s, tile, driver, interpret, blocks)
   to_chunks = lambda x: jnp.moveaxis(cm._pad_chunks(cm._rows(x, n, chunk), padded), 1, 0)
@@ -292,7 +281,7 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
              for f in ("end_w0", "end_s0", "end_ss0", "end_x", "end_sx")]
   weights0 = cm._state_rows(state.weights, names, acc)
   momentum0 = cm._state_rows(state.momentum, names, acc) if has_s else None
-  keyed = key_input_layers(config.model)
+  keyed = key_input_layers(config.model, len(names))
 
   def step(carry, xs):
     w0, s0 = carry
@@ -314,8 +303,5 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
   xs = (q, k, v, tuple(coef_xs))
   (w_final, s_final), out_N = chunkwise.scan_chunks(
       step, (weights0, momentum0), xs, n, chunkwise.default_unroll(n))
-  out = jnp.moveaxis(out_N, 0, 1)[:, :, :chunk]           # [R, N, C, d], padded reads dropped
-  out = jnp.moveaxis(out.reshape(b, h, n * chunk, d)[:, :, :t], 1, 2).astype(cd)
-  unflat = lambda rows: {nm: {"w": r.reshape((b, h) + r.shape[1:])}
-                         for nm, r in zip(names, rows)}
-  return out, MemoryState(unflat(w_final), unflat(s_final) if has_s else None)
+  return cm.from_rows(jnp.moveaxis(out_N, 0, 1), w_final, s_final, names, q_BxTxHxD.shape,
+                     chunk, cd)

@@ -13,13 +13,14 @@ from jax.extend import core as jex_core
 from jax.extend.core import primitives as jex_primitives
 
 
-def dot(x, y, compute_dtype, dims):
-  """dot_general with both operands in the compute dtype, accumulated in float32 (or wider).
-  float32 compute is true float32 (HIGHEST: no TF32 rounding on GPU)."""
+def dot(x, y, compute_dtype, dims, batch=((), ())):
+  """dot_general (contracting `dims`, batching `batch`) with both operands in the compute dtype,
+  accumulated in float32 (or wider). float32 compute is true float32 (HIGHEST: no TF32 rounding
+  on GPU)."""
   acc = jnp.promote_types(compute_dtype, jnp.float32)
   precision = (jax.lax.Precision.HIGHEST if jnp.dtype(compute_dtype) == jnp.dtype(acc)
                else jax.lax.Precision.DEFAULT)
-  return jax.lax.dot_general(x.astype(compute_dtype), y.astype(compute_dtype), (dims, ((), ())),
+  return jax.lax.dot_general(x.astype(compute_dtype), y.astype(compute_dtype), (dims, batch),
                              precision=precision, preferred_element_type=acc)
 
 
