@@ -8,7 +8,7 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
     python -m experiments.benchmark --mode=kernel --lengths=8192,32768 --head_dims=64,128
 
 Kernel mode times the fused Pallas kernel (memory_op implementation="pallas") against the XLA
-path on the same inputs, fwd and fwd+bwd, for each (length, head dim, model, read, chunk); rows
+path on the same inputs (and, for linear memories, implementation="affine"), fwd and fwd+bwd, for each (length, head dim, model, read, chunk); rows
 where the kernel would fall back name the reason instead of a time. It then times a whole TNT
 memory (global --global_chunk chunk-start + one local of chunk --kernel_local_chunk, shards of
 --shard_length) both ways, and cuDNN causal attention with the same heads.
@@ -41,7 +41,7 @@ from flax import nnx
 from tnt_jax.layers import MemoryLayer, TitansLayerConfig, TNTLayerConfig
 from tnt_jax.layers.flops import memory_layer_flops
 from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
-from tnt_jax.ops import flops
+from tnt_jax.ops import affine, flops
 from tnt_jax.kernels.chunk_memory import PLATFORM_DRIVER, KernelBlocks, uses_tiles
 from tnt_jax.ops.api import kernel_fallback_reason, memory_op
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
@@ -51,6 +51,8 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
+flags.DEFINE_bool("kernel_affine", True, "kernel mode: also time implementation='affine' (the "
+                  "associative scan over chunks, ops/affine.py) where the memory is linear")
 flags.DEFINE_list("kernel_blocks", ["default"], "kernel mode: KernelBlocks settings to compare "
                   "side by side, each 'default' or fields joined by '+', e.g. "
                   "'save_every=1+backward_num_warps=4'")
@@ -272,6 +274,8 @@ def kernel_implementations():
   """(row label, implementation, KernelBlocks) per compared path: xla, then the kernel with each
   --kernel_blocks setting (the defaults labelled plain "pallas")."""
   yield "xla", "xla", None
+  if FLAGS.kernel_affine:
+    yield "affine", "affine", None
   for spec in FLAGS.kernel_blocks:
     yield ("pallas" if spec == "default" else f"pallas/{spec}"), "pallas", \
         KernelBlocks.from_spec(spec)
@@ -283,6 +287,8 @@ def run_kernel_mode(peak):
   for length, head_dim, model_name, read, chunk, config in kernel_variants():
     paths = [("xla", "xla", None)] if config == "attention" else list(kernel_implementations())
     for label, implementation, blocks in paths:
+      if implementation == "affine" and (config is None or affine.unsupported_reason(config)):
+        continue   # an mlp memory (and so a TNT memory here) would run the xla path again
       for pass_name in FLAGS.passes:
         backward = pass_name == "fwd+bwd"
         row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,

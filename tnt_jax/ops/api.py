@@ -12,10 +12,12 @@ state: `MemoryState(weights, momentum)` with leaves [batch, heads, ...]; `config
   x[:, :T1] then on x[:, T1:] with the carried state equals one call when T1 is a multiple of
   chunk_size (chunks are counted from each call's first token).
 slow: the model's slow parameters ({} unless residual_norm), leaves [heads, head_dim].
-implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel) | "pallas" (the
-  fused kernel, tnt_jax/kernels/chunk_memory.py, on GPU and TPU; where it cannot run this op --
-  model, rule, dtype, shape or platform -- the xla path runs instead and the reason is logged
-  once) | "pallas_interpret" (the same kernel body interpreted, on any backend: for tests).
+implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel) | "affine" (a
+  linear memory's chunks composed as affine maps by an associative scan, ops/affine.py: log-depth
+  instead of one step per chunk; other memories run the xla path and the reason is logged once)
+  | "pallas" (the fused kernel, tnt_jax/kernels/chunk_memory.py, on GPU and TPU; where it
+  cannot run this op -- model, rule, dtype, shape or platform -- the xla path runs instead and
+  the reason is logged once) | "pallas_interpret" (the same kernel body interpreted, on any backend: for tests).
 A length that is not a multiple of chunk_size is fine: the last chunk is shorter.
 """
 
@@ -31,10 +33,11 @@ from tnt_jax.kernels import chunk_memory
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.reference import reference_memory
 from tnt_jax.memory.rules import Gates, MemoryState
+from tnt_jax.ops import affine
 from tnt_jax.ops.chunkwise import chunkwise_memory
 
 Array = jax.Array
-IMPLEMENTATIONS = ("reference", "xla", "pallas", "pallas_interpret")
+IMPLEMENTATIONS = ("reference", "xla", "affine", "pallas", "pallas_interpret")
 
 
 def _shape_of(x):
@@ -132,7 +135,12 @@ def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates
     if reason is None:
       return chunk_memory.kernel_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                                         interpret=interpret, blocks=blocks)
-    _log_fallback(reason)
+    _log_fallback(implementation, reason)
+  if implementation == "affine":
+    reason = affine.unsupported_reason(config)
+    if reason is None:
+      return affine.affine_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config)
+    _log_fallback(implementation, reason)
   return chunkwise_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow, config,
                           remat=remat, unroll=unroll)
 
@@ -150,5 +158,6 @@ def kernel_fallback_reason(config: MemoryConfig, head_dim: int, dtype, interpret
 
 
 @functools.lru_cache(maxsize=None)
-def _log_fallback(reason: str) -> None:
-  logging.warning("memory_op(implementation='pallas'): running the xla path instead: %s", reason)
+def _log_fallback(implementation: str, reason: str) -> None:
+  logging.warning("memory_op(implementation=%r): running the xla path instead: %s",
+                  implementation, reason)

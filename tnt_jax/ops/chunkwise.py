@@ -21,6 +21,7 @@ the state after the last real token, exactly as in the token-level reference.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,10 +158,19 @@ def _combine(coef_w, w: dict, update: dict, coef_s=None, s=None) -> dict:
                       w, s, update)
 
 
-def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
-                     state: MemoryState, slow: dict, config: MemoryConfig, *,
-                     remat: bool = False, unroll: int | None = None):
-  """Chunkwise-parallel memory. Same contract as `reference_memory` (see ops/api.py)."""
+class ChunkScan(NamedTuple):
+  """What a scan over chunks needs: `step(carry, xs_n) -> (carry, out_n)`, the initial carry
+  (W, S) in the accumulation dtype, and xs with a leading chunk axis [N, ...]."""
+  step: Callable
+  carry: tuple
+  xs: tuple
+  num_chunks: int
+
+
+def chunk_scan(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
+               state: MemoryState, slow: dict, config: MemoryConfig) -> ChunkScan:
+  """The chunk step and its inputs (shared by this op and ops/affine.py, which runs the same
+  step for every chunk at once from start states it composes in parallel)."""
   b, t, h, d = q_BxTxHxD.shape
   chunk, rule = config.chunk_size, config.rule
   num_chunks = -(-t // chunk)
@@ -204,25 +214,39 @@ def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates
       q = q.astype(acc)
       if config.read == "cumulative":
         out = math.apply(_dual_dense(math, w0, s0, deltas, inputs, c), q)
-        end = lambda x: x[..., -1]
-        w_end, s_end, x_end = end(c.w_from_w0), end(c.w_from_s0), c.w_from_x[..., -1, :]
       else:
         out = math.apply(math.dense_at(w0), q)
-        w_end, s_end, x_end = c.w_from_w0, c.w_from_s0, c.w_from_x
-      w1 = _combine(w_end, w0, math.outer_sum(x_end, deltas, inputs, w0),
-                    s_end, s0 if has_s else None)
+      end = chunk_end(c, config.read)
+      w1 = _combine(end.w_from_w0, w0, math.outer_sum(end.w_from_x, deltas, inputs, w0),
+                    end.w_from_s0, s0 if has_s else None)
       s1 = None
       if has_s:
         s1 = _combine(c.s_from_s0, s0, math.outer_sum(c.s_from_x, deltas, inputs, w0))
       return (w1, s1), out
 
     xs = (q_c, k_c, v_c, coefs)
+  return ChunkScan(step, (weights0, momentum0), xs, num_chunks)
 
+
+def chunk_end(c: transitions.ChunkCoefficients, read: str) -> transitions.ChunkCoefficients:
+  """The coefficients of the chunk-end state (the cumulative read's last token)."""
+  if read != "cumulative":
+    return c
+  return c._replace(w_from_w0=c.w_from_w0[..., -1], w_from_s0=c.w_from_s0[..., -1],
+                    w_from_x=c.w_from_x[..., -1, :])
+
+
+def chunkwise_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
+                     state: MemoryState, slow: dict, config: MemoryConfig, *,
+                     remat: bool = False, unroll: int | None = None):
+  """Chunkwise-parallel memory. Same contract as `reference_memory` (see ops/api.py)."""
+  step, carry0, xs, num_chunks = chunk_scan(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, slow,
+                                            config)
   if remat:
     step = jax.checkpoint(step)
   unroll = default_unroll(num_chunks) if unroll is None else min(unroll, num_chunks)
-  (w_final, s_final), out_N = scan_chunks(step, (weights0, momentum0), xs, num_chunks, unroll)
-  out = _from_chunks(out_N, t).astype(q_BxTxHxD.dtype)
+  (w_final, s_final), out_N = scan_chunks(step, carry0, xs, num_chunks, unroll)
+  out = _from_chunks(out_N, q_BxTxHxD.shape[1]).astype(q_BxTxHxD.dtype)
   return out, MemoryState(w_final, s_final)
 
 
