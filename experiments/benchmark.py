@@ -51,8 +51,9 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
-flags.DEFINE_bool("kernel_affine", True, "kernel mode: also time implementation='affine' (the "
-                  "associative scan over chunks, ops/affine.py) where the memory is linear")
+flags.DEFINE_list("affine_blocks", ["auto"], "kernel mode: also time implementation='affine' "
+                  "(ops/affine.py) where the memory is linear, with these chunks per block "
+                  "('auto': the op's default); empty: not at all")
 flags.DEFINE_list("kernel_blocks", ["default"], "kernel mode: KernelBlocks settings to compare "
                   "side by side, each 'default' or fields joined by '+', e.g. "
                   "'save_every=1+backward_num_warps=4'")
@@ -211,7 +212,12 @@ def run_op_mode(peak):
 
 
 def _op_case(config, unroll, backward, implementation="xla", kernel_blocks=None):
+  """kernel_blocks: the kernel's KernelBlocks, or for implementation="affine" its chunks per
+  block (None: the default)."""
   def forward(q, k, v, gates, state, slow):
+    if implementation == "affine" and kernel_blocks is not None:
+      return affine.affine_memory(q, k, v, gates, state, slow, config,
+                                  block_chunks=kernel_blocks)
     return memory_op(q, k, v, gates, state, slow, config, remat=FLAGS.remat, unroll=unroll,
                      implementation=implementation, kernel_blocks=kernel_blocks)
 
@@ -271,11 +277,13 @@ def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_bl
 
 
 def kernel_implementations():
-  """(row label, implementation, KernelBlocks) per compared path: xla, then the kernel with each
-  --kernel_blocks setting (the defaults labelled plain "pallas")."""
+  """(row label, implementation, settings) per compared path: xla, the affine scan with each
+  --affine_blocks (settings: chunks per block), then the kernel with each --kernel_blocks setting
+  (settings: KernelBlocks; the defaults labelled plain "pallas")."""
   yield "xla", "xla", None
-  if FLAGS.kernel_affine:
-    yield "affine", "affine", None
+  for block in FLAGS.affine_blocks:
+    yield ("affine" if block == "auto" else f"affine/L={block}"), "affine", \
+        (None if block == "auto" else int(block))
   for spec in FLAGS.kernel_blocks:
     yield ("pallas" if spec == "default" else f"pallas/{spec}"), "pallas", \
         KernelBlocks.from_spec(spec)
