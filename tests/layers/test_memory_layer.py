@@ -99,6 +99,20 @@ class FastPathTest(parameterized.TestCase):
     assert_trees_rel_close(self, out, out_ref, 1e-6, f"{name} outputs")
     assert_trees_rel_close(self, grads, grads_ref, 1e-6, f"{name} grads")
 
+  def test_affine_layer_matches_reference_float64(self):
+    """A Titans layer with a linear memory on implementation="affine" (ops/affine.py)."""
+    results = []
+    for implementation in ("affine", "reference"):
+      config = small_config("titans", model=MemoryModel("linear"), implementation=implementation)
+      layer = MemoryLayer(config, rngs=nnx.Rngs(3), dtype=jnp.float64, param_dtype=jnp.float64)
+      graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+      x = jax.random.normal(jax.random.key(4), (1, 13, D_MODEL), jnp.float64)
+      results.append(jax.jit(jax.value_and_grad(loss_fn, argnums=(1, 3)))(graphdef, params,
+                                                                          rest, x))
+    (out, grads), (out_ref, grads_ref) = results
+    assert_trees_rel_close(self, out, out_ref, 1e-6, "affine outputs")
+    assert_trees_rel_close(self, grads, grads_ref, 1e-6, "affine grads")
+
   def test_bfloat16_close_to_float32(self):
     config = small_config("tnt")
     x = jax.random.normal(jax.random.key(6), (2, 24, D_MODEL))

@@ -55,8 +55,9 @@ class MemoryLayerConfig:
     outer training scales the memory (a budget of 1 still diverged after ~100-150 steps on an
     H100, docs/train_h100.md). LaCT's update is normalised (Muon, row norms) and keeps max_lr.
   theta_bias / eta_bias / alpha_bias: initial gate logits (theta starts at half its ceiling).
-  implementation: the memory op's ("xla" chunkwise, "pallas" the fused kernel with a logged
-    fallback, "reference" token loop for tests; ops/api.py).
+  implementation: the memory op's ("xla" chunkwise, "affine" a linear memory's chunks composed
+    by an associative scan, "pallas" the fused kernel -- both with a logged fallback to "xla"
+    where they cannot run the memory -- "reference" token loop for tests; ops/api.py).
   remat: recompute each memory chunk in the backward pass (less memory, more compute).
   global_handoff: under context parallelism, how the global memory's state crosses devices:
     "gather" (all-gather the sequence, every device scans it) or "chain" (ppermute the state
