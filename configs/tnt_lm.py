@@ -73,8 +73,10 @@ def _mixer_options(kinds, size, chunk, local_chunks):
     options[kind]["chunk_lr_budget"] = 0.25
     # with mesh.context > 1: how the global memory's state crosses devices (gather | chain)
     options[kind]["global_handoff"] = "chain"
-    # xla | pallas (the fused kernel where it supports the memory; docs/kernel.md)
+    # xla | affine (linear memories; docs/affine_scan.md) | pallas (the fused kernel where it
+    # supports the memory; docs/kernel.md), and the kernel's settings, e.g. tile=32+save_every=8
     options[kind]["implementation"] = "xla"
+    options[kind]["kernel_blocks"] = "default"
   return options
 
 

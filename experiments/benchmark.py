@@ -54,6 +54,8 @@ flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory
 flags.DEFINE_list("affine_blocks", ["auto"], "kernel mode: also time implementation='affine' "
                   "(ops/affine.py) where the memory is linear, with these chunks per block "
                   "('auto': the op's default); empty: not at all")
+flags.DEFINE_list("affine_precisions", ["highest"], "kernel mode: the affine scan's "
+                  "map_precision values to compare (ops/affine.py MAP_PRECISIONS)")
 flags.DEFINE_list("kernel_blocks", ["default"], "kernel mode: KernelBlocks settings to compare "
                   "side by side, each 'default' or fields joined by '+', e.g. "
                   "'save_every=1+backward_num_warps=4'")
@@ -212,12 +214,11 @@ def run_op_mode(peak):
 
 
 def _op_case(config, unroll, backward, implementation="xla", kernel_blocks=None):
-  """kernel_blocks: the kernel's KernelBlocks, or for implementation="affine" its chunks per
-  block (None: the default)."""
+  """kernel_blocks: the kernel's KernelBlocks, or for implementation="affine" the keyword
+  arguments of affine.affine_memory."""
   def forward(q, k, v, gates, state, slow):
-    if implementation == "affine" and kernel_blocks is not None:
-      return affine.affine_memory(q, k, v, gates, state, slow, config,
-                                  block_chunks=kernel_blocks)
+    if implementation == "affine":
+      return affine.affine_memory(q, k, v, gates, state, slow, config, **kernel_blocks)
     return memory_op(q, k, v, gates, state, slow, config, remat=FLAGS.remat, unroll=unroll,
                      implementation=implementation, kernel_blocks=kernel_blocks)
 
@@ -278,12 +279,15 @@ def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_bl
 
 def kernel_implementations():
   """(row label, implementation, settings) per compared path: xla, the affine scan with each
-  --affine_blocks (settings: chunks per block), then the kernel with each --kernel_blocks setting
+  --affine_blocks x --affine_precisions (settings: affine_memory's keywords), then the kernel with each --kernel_blocks setting
   (settings: KernelBlocks; the defaults labelled plain "pallas")."""
   yield "xla", "xla", None
   for block in FLAGS.affine_blocks:
-    yield ("affine" if block == "auto" else f"affine/L={block}"), "affine", \
-        (None if block == "auto" else int(block))
+    for precision in FLAGS.affine_precisions:
+      label = "affine" + ("" if block == "auto" else f"/L={block}") + (
+          "" if precision == "highest" else f"/{precision}")
+      yield label, "affine", dict(block_chunks=None if block == "auto" else int(block),
+                                  map_precision=precision)
   for spec in FLAGS.kernel_blocks:
     yield ("pallas" if spec == "default" else f"pallas/{spec}"), "pallas", \
         KernelBlocks.from_spec(spec)

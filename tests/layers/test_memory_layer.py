@@ -2,6 +2,7 @@
 causality, and the config rules."""
 
 import dataclasses
+from unittest import mock
 
 from absl.testing import absltest, parameterized
 import chex
@@ -11,6 +12,8 @@ import numpy as np
 from flax import nnx
 
 from tests.helpers import assert_trees_rel_close, rel_err
+from tnt_jax.kernels import chunk_memory
+from tnt_jax.kernels.chunk_memory import KernelBlocks
 from tnt_jax.layers import (PRESETS, LaCTLayerConfig, MemoryLayer, TitansLayerConfig,
                             TNTLayerConfig, TTTLayerConfig, count_params, preset)
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
@@ -241,10 +244,36 @@ class ConfigRulesTest(parameterized.TestCase):
       ("bad_implementation", lambda: LaCTLayerConfig(d_model=32, num_heads=2,
                                                      implementation="cuda"),
        "implementation='cuda' is unknown"),
+      ("bad_kernel_blocks_value", lambda: TitansLayerConfig(d_model=32, num_heads=2,
+                                                            kernel_blocks="tile=3"),
+       "KernelBlocks.tile=3 must be 0 (off) or a power of 2"),
+      ("bad_kernel_blocks_field", lambda: TitansLayerConfig(d_model=32, num_heads=2,
+                                                            kernel_blocks="tiles=32"),
+       "KernelBlocks entry 'tiles=32' must be field=value with a KernelBlocks field"),
   )
   def test_bad_config_raises(self, make, message):
     with self.assertRaisesRegex(ValueError, message.replace("(", r"\(").replace(")", r"\)")):
       make()
+
+  def test_kernel_blocks_reach_the_kernel(self):
+    """The layer's kernel_blocks string is what every memory's kernel launch gets, forward and
+    streaming prefill alike."""
+    seen = []
+    real = chunk_memory.kernel_memory
+
+    def spy(*args, blocks, **kwargs):
+      seen.append(blocks)
+      return real(*args, blocks=blocks, **kwargs)
+
+    config = small_config("titans", implementation="pallas_interpret",
+                          kernel_blocks="save_every=2+num_stages=2")
+    self.assertEqual(config.blocks, KernelBlocks(save_every=2, num_stages=2))
+    layer = MemoryLayer(config, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, 8, D_MODEL))
+    with mock.patch.object(chunk_memory, "kernel_memory", spy):
+      jax.eval_shape(layer, x)
+      jax.eval_shape(lambda x: layer.extend(x, layer.init_cache(1)), x)
+    self.assertEqual(seen, [config.blocks] * 2)
 
   def test_bad_input_shape_raises_before_tracing(self):
     layer = MemoryLayer(small_config("titans"), rngs=nnx.Rngs(0))

@@ -23,6 +23,7 @@ from typing import ClassVar
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.models import MemoryModel
 from tnt_jax.memory.rules import UpdateRule
+from tnt_jax.kernels.chunk_memory import KernelBlocks
 from tnt_jax.ops.api import IMPLEMENTATIONS
 from tnt_jax.ops.tnt import LocalMemory, TNTConfig
 from tnt_jax.parallel.context import GLOBAL_HANDOFFS
@@ -58,6 +59,9 @@ class MemoryLayerConfig:
   implementation: the memory op's ("xla" chunkwise, "affine" a linear memory's chunks composed
     by an associative scan, "pallas" the fused kernel -- both with a logged fallback to "xla"
     where they cannot run the memory -- "reference" token loop for tests; ops/api.py).
+  kernel_blocks: the fused kernel's settings for implementation="pallas", written as
+    KernelBlocks.from_spec reads them: "default", or "field=value" joined by "+", e.g.
+    "tile=32+save_every=8" (kernels/chunk_memory.py lists the fields); checked here.
   remat: recompute each memory chunk in the backward pass (less memory, more compute).
   global_handoff: under context parallelism, how the global memory's state crosses devices:
     "gather" (all-gather the sequence, every device scans it) or "chain" (ppermute the state
@@ -79,6 +83,7 @@ class MemoryLayerConfig:
   eta_bias: float = 2.0
   alpha_bias: float = -5.0
   implementation: str = "xla"
+  kernel_blocks: str = "default"
   remat: bool = False
   global_handoff: str = "chain"
   shared_window: int | None = None
@@ -102,12 +107,18 @@ class MemoryLayerConfig:
     if self.implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={self.implementation!r} is unknown; expected one of "
                        f"{IMPLEMENTATIONS}")
+    self.blocks   # KernelBlocks.from_spec raises on a bad field or value
     if self.global_handoff not in GLOBAL_HANDOFFS:
       raise ValueError(f"global_handoff={self.global_handoff!r} is unknown; expected one of "
                        f"{GLOBAL_HANDOFFS}")
     if self.shared_window is not None:
       _positive_int("shared_window", self.shared_window)
     self.memory_config()   # every kind validates its memories here, before anything is traced
+
+  @property
+  def blocks(self) -> KernelBlocks:
+    """kernel_blocks parsed: the KernelBlocks every memory of the layer runs the kernel with."""
+    return KernelBlocks.from_spec(self.kernel_blocks)
 
   def theta_ceiling(self, memory: MemoryConfig) -> float:
     """The largest inner learning rate the gates can give `memory` (see chunk_lr_budget)."""

@@ -179,7 +179,8 @@ class MemoryLayer(nnx.Module):
     op = tnt_op if context_axis is None else functools.partial(
         tnt_op_in_context, axis=context_axis, global_handoff=self.config.global_handoff)
     o_BxTxHxD, _ = op(q, k, v, gates, global_state, weights[1:], slows, self.tnt,
-                      implementation=self.config.implementation, remat=self.config.remat)
+                      implementation=self.config.implementation, remat=self.config.remat,
+                      kernel_blocks=self.config.blocks)
     attended = None
     if self.config.shared_window is not None:
       attended = self._shared_attention(q, k, v, context_axis)
@@ -223,7 +224,8 @@ class MemoryLayer(nnx.Module):
     else:
       o_BxTxHxD, state = tnt_prefill(
           q, k, v, gates, carry_state(state.global_carry), weights[1:], slows, self.tnt,
-          position=state.position, implementation=self.config.implementation)
+          position=state.position, implementation=self.config.implementation,
+          kernel_blocks=self.config.blocks)
     cache = dict(cache, conv=history, memory=state)
     attended = None
     if self.config.shared_window is not None:

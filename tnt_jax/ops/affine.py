@@ -67,8 +67,16 @@ def _split(x: Array, bias: bool) -> dict:
   return {"w0": layer}
 
 
-def _mm(eq: str, x: Array, y: Array) -> Array:
-  return jnp.einsum(eq, x, y, precision=jax.lax.Precision.HIGHEST)
+# How the composed maps multiply in float32 (float64 maps always use float64 arithmetic).
+MAP_PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,                   # float32 arithmetic
+    "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,  # ~float32 accuracy, tensor cores
+    "tf32_3x": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+}
+
+
+def _einsum_at(precision):
+  return lambda eq, x, y: jnp.einsum(eq, x, y, precision=precision)
 
 
 class _Chunk(NamedTuple):
@@ -82,9 +90,10 @@ class _Chunk(NamedTuple):
   s: Array        # [..., C] S from each token's gradient
 
 
-def _advance(state, chunk: _Chunk, lam: float, mu: float, with_v: bool):
+def _advance(state, chunk: _Chunk, lam: float, mu: float, with_v: bool, _mm):
   """Rows of states [W~ rows | S~ rows] ([..., R, d~] each) through one chunk's map: the affine
-  map when with_v (R = d, real states), its linear part otherwise (rows of a composed map)."""
+  map when with_v (R = d, real states), its linear part otherwise (rows of a composed map).
+  _mm: the einsum at the maps' precision."""
   w, s = state
   err = lam * _mm("...rd,...cd->...rc", w, chunk.k)          # lam W~ k~_j per row
   if with_v:
@@ -98,7 +107,7 @@ def _advance(state, chunk: _Chunk, lam: float, mu: float, with_v: bool):
   return w_next, s_next
 
 
-def _compose(earlier, later):
+def _compose(earlier, later, _mm):
   """X -> (X A1 + B1) A2 + B2 for dense maps (A [..., m, m], B [..., d, m])."""
   (a1, b1), (a2, b2) = earlier, later
   return _mm("...ij,...jk->...ik", a1, a2), _mm("...ij,...jk->...ik", b1, a2) + b2
@@ -133,9 +142,13 @@ def _chunks_in_blocks(q_c, k_c, v_c, end, bias, num_blocks, block, acc) -> _Chun
 
 def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates,
                   state: MemoryState, slow: dict, config: MemoryConfig, *,
-                  block_chunks: int | None = None):
+                  block_chunks: int | None = None, map_precision: str = "highest"):
   """Same contract as `reference_memory` (see ops/api.py), for configs `unsupported_reason`
-  accepts. block_chunks: chunks per block (L); None: default_block_chunks(N)."""
+  accepts. block_chunks: chunks per block (L); None: default_block_chunks(N). map_precision:
+  a MAP_PRECISIONS name, how float32 maps multiply (float64 maps: always float64)."""
+  if map_precision not in MAP_PRECISIONS:
+    raise ValueError(f"map_precision={map_precision!r} is unknown; expected one of "
+                     f"{tuple(MAP_PRECISIONS)}")
   reason = unsupported_reason(config)
   if reason is not None:
     raise ValueError(f"implementation='affine' cannot run this memory: {reason}")
@@ -149,6 +162,8 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   bias, has_s = config.model.bias, config.rule.has_momentum
   lam, mu = _LOSS_TERMS[config.loss]
   acc = jax.tree.leaves(w0)[0].dtype
+  _mm = _einsum_at(MAP_PRECISIONS[map_precision] if acc == jnp.float32
+                   else jax.lax.Precision.HIGHEST)
   q_c, k_c, v_c, coefs = xs
   chunks = _chunks_in_blocks(q_c, k_c, v_c, chunkwise.chunk_end(coefs, config.read), bias,
                              num_blocks, block, acc)                      # leaves [L, P, B, H, ...]
@@ -166,8 +181,8 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
 
   def compose_block(maps, chunk):
     a, b = maps
-    return (join(_advance(split(a), chunk, lam, mu, False)),
-            join(_advance(split(b), chunk, lam, mu, True))), None
+    return (join(_advance(split(a), chunk, lam, mu, False, _mm)),
+            join(_advance(split(b), chunk, lam, mu, True, _mm))), None
 
   (block_a, block_b), _ = jax.lax.scan(compose_block, (eye, zero), chunks)
 
@@ -176,13 +191,14 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   x0 = _augment(w0, bias)
   if has_s:
     x0 = jnp.concatenate([x0, _augment(s0, bias)], -1)                   # [B, H, d, m]
-  prefix_a, prefix_b = jax.lax.associative_scan(_compose, (block_a, block_b), axis=0)
+  prefix_a, prefix_b = jax.lax.associative_scan(lambda e, l: _compose(e, l, _mm),
+                                                (block_a, block_b), axis=0)
   after = _mm("bhij,pbhjk->pbhik", x0, prefix_a) + prefix_b
   block_starts = jnp.concatenate([x0[None], after[:-1]], 0)              # [P, B, H, d, m]
 
   # 3. Every chunk's start state: each block's L chunks in sequence, all blocks at once.
   def chunk_start(x, chunk):
-    return join(_advance(split(x), chunk, lam, mu, True)), x
+    return join(_advance(split(x), chunk, lam, mu, True, _mm)), x
 
   _, starts = jax.lax.scan(chunk_start, block_starts, chunks)           # [L, P, B, H, d, m]
   starts = jnp.swapaxes(starts, 0, 1).reshape((num_blocks * block,) + starts.shape[2:])

@@ -117,7 +117,7 @@ def _cast_all(dtype, *trees):
 
 
 def _global_prefill(q, k, v, gates: Gates, state: MemoryState, slow, memory: MemoryConfig,
-                    implementation, remat):
+                    implementation, remat, kernel_blocks):
   """Outputs of the global memory and its carry after T tokens."""
   t = q.shape[1]
   aligned = t // memory.chunk_size * memory.chunk_size
@@ -125,7 +125,8 @@ def _global_prefill(q, k, v, gates: Gates, state: MemoryState, slow, memory: Mem
   if aligned:
     out, state = memory_op(q[:, :aligned], k[:, :aligned], v[:, :aligned],
                            Gates(*(_slice(g, 0, aligned) for g in gates)), state, slow, memory,
-                           implementation=implementation, remat=remat)
+                           implementation=implementation, remat=remat,
+                           kernel_blocks=kernel_blocks)
     outs.append(out)
   acc = accumulation_dtype(q.dtype, state)
   carry = initial_carry(memory, state, acc)
@@ -138,7 +139,7 @@ def _global_prefill(q, k, v, gates: Gates, state: MemoryState, slow, memory: Mem
 
 
 def _local_carry(q, k, v, gates: Gates, initial_weights, slow, local: LocalMemory,
-                 qk_projection: bool, implementation):
+                 qk_projection: bool, implementation, kernel_blocks=None):
   """A local memory's carry after T tokens: its last (unfinished) shard, replayed."""
   b, t = q.shape[:2]
   s, c = local.shard_length, local.memory.chunk_size
@@ -152,7 +153,8 @@ def _local_carry(q, k, v, gates: Gates, initial_weights, slow, local: LocalMemor
   if aligned > start:
     part = lambda x: _slice(x, start, aligned)
     _, state = memory_op(part(q), part(k), part(v), Gates(*(part(g) for g in gates)), state,
-                         slow, local.memory, implementation=implementation)
+                         slow, local.memory, implementation=implementation,
+                         kernel_blocks=kernel_blocks)
     carry = initial_carry(local.memory, state, acc)
     if qk_projection:
       kk = k[:, start:aligned].astype(carry["proj"].dtype)
@@ -169,19 +171,22 @@ def _local_carry(q, k, v, gates: Gates, initial_weights, slow, local: LocalMemor
 def tnt_prefill(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Sequence[Gates],
                 global_state: MemoryState, local_initial_weights: Sequence[dict],
                 slows: Sequence[dict], config: TNTConfig, *, position=0,
-                implementation: str = "xla", remat: bool = False
+                implementation: str = "xla", remat: bool = False, kernel_blocks=None
                 ) -> tuple[Array, TNTDecodeState]:
   """tnt_op's outputs for T tokens starting at an aligned `position`, and the decode state
-  after them. global_state: the global memory's state at `position` (carry_state of a decode
+  after them (kernel_blocks: as tnt_op's). global_state: the global memory's state at `position` (carry_state of a decode
   state, or init_state at the stream start)."""
   out, g_carry = _global_prefill(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates[0], global_state,
-                                 slows[0], config.global_memory, implementation, remat)
+                                 slows[0], config.global_memory, implementation, remat,
+                                 kernel_blocks)
   local_carries = []
   for i, local in enumerate(config.local_memories):
     args = (q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates[i + 1], local_initial_weights[i],
             slows[i + 1], local, config.qk_projection)
-    out = out + local_memory_op(*args, implementation=implementation, remat=remat)
-    local_carries.append(_local_carry(*args, implementation=implementation))
+    out = out + local_memory_op(*args, implementation=implementation, remat=remat,
+                                kernel_blocks=kernel_blocks)
+    local_carries.append(_local_carry(*args, implementation=implementation,
+                                      kernel_blocks=kernel_blocks))
   t = q_BxTxHxD.shape[1]
   return out, TNTDecodeState(g_carry, tuple(local_carries),
                              jnp.asarray(position, jnp.int32) + t)

@@ -86,20 +86,24 @@ def previous_tokens(x_BxLx_: Array, count: int, axis: str) -> Array:
 GLOBAL_HANDOFFS = ("gather", "chain")
 
 
-def _global_by_gather(q, k, v, gates, state, slow, config, axis, implementation, remat):
+def _global_by_gather(q, k, v, gates, state, slow, config, axis, implementation, remat,
+                      kernel_blocks):
   gather = lambda x: None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
   out, state = memory_op(gather(q), gather(k), gather(v), Gates(*map(gather, gates)), state,
-                         slow, config, implementation=implementation, remat=remat)
+                         slow, config, implementation=implementation, remat=remat,
+                         kernel_blocks=kernel_blocks)
   slice_len = q.shape[1]
   mine = jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(axis) * slice_len, slice_len,
                                       axis=1)
   return mine, state
 
 
-def _global_by_chain(q, k, v, gates, state, slow, config, axis, implementation, remat):
+def _global_by_chain(q, k, v, gates, state, slow, config, axis, implementation, remat,
+                     kernel_blocks):
   devices, me = jax.lax.axis_size(axis), jax.lax.axis_index(axis)
   scan_slice = lambda s: memory_op(q, k, v, gates, s, slow, config,
-                                   implementation=implementation, remat=remat)
+                                   implementation=implementation, remat=remat,
+                                   kernel_blocks=kernel_blocks)
   out_shape, state_shape = jax.eval_shape(scan_slice, state)
   # the op carries its state in the accumulation dtype (float64 inputs with float32 W_init
   # give a float64 state): start in it, so the owner's and the idle branch's states agree
@@ -129,20 +133,20 @@ def tnt_op_in_context(q_BxLxHxD: Array, k_BxLxHxD: Array, v_BxLxHxD: Array,
                       gates: Sequence[Gates], global_state: MemoryState,
                       local_initial_weights: Sequence[dict], slows: Sequence[dict],
                       config: TNTConfig, axis: str, *, implementation: str = "xla",
-                      remat: bool = False, global_handoff: str = "chain"
+                      remat: bool = False, global_handoff: str = "chain", kernel_blocks=None
                       ) -> tuple[Array, MemoryState]:
   """Inside shard_map: this device's slice of tnt_op's outputs (see the module doc), and the
-  global memory's final state (the same on every device of `axis`)."""
+  global memory's final state (the same on every device of `axis`). kernel_blocks: as tnt_op's."""
   if global_handoff not in GLOBAL_HANDOFFS:
     raise ValueError(f"global_handoff={global_handoff!r} is unknown; expected one of "
                      f"{GLOBAL_HANDOFFS}")
   run_global = _global_by_gather if global_handoff == "gather" else _global_by_chain
   out, state = run_global(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, gates[0], global_state, slows[0],
-                          config.global_memory, axis, implementation, remat)
+                          config.global_memory, axis, implementation, remat, kernel_blocks)
   for i, local in enumerate(config.local_memories):
     out = out + local_memory_op(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, gates[i + 1],
                                 local_initial_weights[i], slows[i + 1], local,
-                                config.qk_projection, implementation, remat)
+                                config.qk_projection, implementation, remat, kernel_blocks)
   return out, state
 
 
@@ -155,7 +159,8 @@ def context_parallel_tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array
                             local_initial_weights: Sequence[dict], slows: Sequence[dict],
                             config: TNTConfig, mesh: jax.sharding.Mesh, *, axis: str = "context",
                             batch_axes=None, implementation: str = "xla", remat: bool = False,
-                            global_handoff: str = "chain") -> tuple[Array, MemoryState]:
+                            global_handoff: str = "chain", kernel_blocks=None
+                            ) -> tuple[Array, MemoryState]:
   """tnt_op (ops/tnt.py) with the sequence split over mesh axis `axis`; same results."""
   if axis not in mesh.shape:
     raise ValueError(f"mesh axes {tuple(mesh.shape)} have no context axis {axis!r}")
@@ -171,7 +176,7 @@ def context_parallel_tnt_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array
   def per_device(q, k, v, gates, state, inits, slows):
     return tnt_op_in_context(q, k, v, gates, state, inits, slows, config, axis,
                              implementation=implementation, remat=remat,
-                             global_handoff=global_handoff)
+                             global_handoff=global_handoff, kernel_blocks=kernel_blocks)
 
   # check_vma=False: the memory scans start from replicated states (W_init, the global state) and
   # mix in per-device tokens, which the varying-axes type check rejects at the scan carry; the
