@@ -133,7 +133,7 @@ class AffineDtypesAndRoutingTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "map_precision='fp8' is unknown"):
       affine.affine_memory(*args, config, map_precision="fp8")
 
-  @parameterized.parameters(0, -2, 1.5)
+  @parameterized.parameters(0, -2, 1.5, True)
   def test_bad_block_chunks(self, block_chunks):
     config = MemoryConfig(LINEAR, UpdateRule("gd"), "l2", "cumulative", 4)
     args = random_inputs(config, jax.random.key(2), length=9)

@@ -10,17 +10,21 @@ state X = [W~ | S~] (S: momentum, titans only) to
 
 with the chunk-end coefficients p, q, r, x, s of ops/transitions.py (lam = mu = 2 for l2;
 lam = 0, mu = 1 for dot; gd keeps only the W~ block). Maps compose as
-(A1, B1) then (A2, B2) = (A1 A2, B1 A2 + B2), which is associative, so `lax.associative_scan`
-gives every chunk's start state in O(log N) depth instead of a scan of N dependent steps. The
-chunks' outputs then come from the chunkwise op's own chunk step, run for all chunks at once
-(vmap) from those start states: the read math is shared, not re-derived.
+(A1, B1) then (A2, B2) = (A1 A2, B1 A2 + B2), which is associative. In blocks of L ~ sqrt(N)
+chunks, all blocks at once:
+  1. each block's map: an L-step scan applying each chunk's map to the rows of an identity
+     (a rank-C update per chunk: O(m d C) with m = d~ or 2 d~, never an m^3 product);
+  2. the blocks' maps composed by `lax.associative_scan` (dense, log depth over N / L blocks),
+     which gives every block's start state;
+  3. every chunk's start state: a second L-step scan inside every block.
+So the sequential depth is ~2 sqrt(N) steps instead of the chunkwise op's N. The chunks' outputs
+then come from the chunkwise op's own chunk step, run for all chunks at once (vmap) from those
+start states: the read math is shared, not re-derived. Autodiff gives the backward.
 
-Cost: a chunk's map costs O(d^3) (A is [2(d+1)]^2 for titans) where a sequential step costs
-O(C d^2), so the work is ~d/C times the chunkwise op's, but it is batched matmuls over every
-chunk of every row instead of N dependent launches. The products of A run in the accumulation
-dtype at HIGHEST precision (no TF32 or bf16 rounding compounding through log N levels).
-Autodiff gives the backward. Memory: every chunk's map and start state is materialised
-(~N (2d+2)^2 floats per row), more than the chunkwise op's sqrt(N) checkpoints.
+The maps multiply in the accumulation dtype (`map_precision`: float32 arithmetic by default, so
+no TF32 or bf16 rounding compounds through the composition). Memory: every chunk's start state
+and each step of pass 1 are kept for the backward, more than the chunkwise op's sqrt(N)
+checkpoints (H100 numbers: docs/affine_scan.md).
 """
 
 from __future__ import annotations
@@ -90,27 +94,27 @@ class _Chunk(NamedTuple):
   s: Array        # [..., C] S from each token's gradient
 
 
-def _advance(state, chunk: _Chunk, lam: float, mu: float, with_v: bool, _mm):
+def _advance(state, chunk: _Chunk, lam: float, mu: float, with_v: bool, mm):
   """Rows of states [W~ rows | S~ rows] ([..., R, d~] each) through one chunk's map: the affine
   map when with_v (R = d, real states), its linear part otherwise (rows of a composed map).
-  _mm: the einsum at the maps' precision."""
+  mm: the einsum at the maps' precision."""
   w, s = state
-  err = lam * _mm("...rd,...cd->...rc", w, chunk.k)          # lam W~ k~_j per row
+  err = lam * mm("...rd,...cd->...rc", w, chunk.k)          # lam W~ k~_j per row
   if with_v:
     err = err - mu * jnp.swapaxes(chunk.v, -1, -2)
   bc = lambda c: c[..., None, None]
-  w_next = bc(chunk.p) * w + _mm("...rc,...cd->...rd", err * chunk.x[..., None, :], chunk.k)
+  w_next = bc(chunk.p) * w + mm("...rc,...cd->...rd", err * chunk.x[..., None, :], chunk.k)
   if s is None:
     return w_next, None
   w_next = w_next + bc(chunk.q) * s
-  s_next = bc(chunk.r) * s + _mm("...rc,...cd->...rd", err * chunk.s[..., None, :], chunk.k)
+  s_next = bc(chunk.r) * s + mm("...rc,...cd->...rd", err * chunk.s[..., None, :], chunk.k)
   return w_next, s_next
 
 
-def _compose(earlier, later, _mm):
+def _compose(earlier, later, mm):
   """X -> (X A1 + B1) A2 + B2 for dense maps (A [..., m, m], B [..., d, m])."""
   (a1, b1), (a2, b2) = earlier, later
-  return _mm("...ij,...jk->...ik", a1, a2), _mm("...ij,...jk->...ik", b1, a2) + b2
+  return mm("...ij,...jk->...ik", a1, a2), mm("...ij,...jk->...ik", b1, a2) + b2
 
 
 def default_block_chunks(num_chunks: int) -> int:
@@ -119,7 +123,7 @@ def default_block_chunks(num_chunks: int) -> int:
   return max(1, math.isqrt(num_chunks - 1) + 1) if num_chunks > 1 else 1
 
 
-def _chunks_in_blocks(q_c, k_c, v_c, end, bias, num_blocks, block, acc) -> _Chunk:
+def _chunks_in_blocks(k_c, v_c, end, bias, num_blocks, block, acc) -> _Chunk:
   """[N, B, H, ...] chunk arrays -> _Chunk with leaves [L, P, B, H, ...], padded at the end with
   identity chunks (p = r = 1, nothing else)."""
   k = k_c.astype(acc)
@@ -149,23 +153,24 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   if map_precision not in MAP_PRECISIONS:
     raise ValueError(f"map_precision={map_precision!r} is unknown; expected one of "
                      f"{tuple(MAP_PRECISIONS)}")
+  if block_chunks is not None and (not isinstance(block_chunks, int)
+                                   or isinstance(block_chunks, bool) or block_chunks < 1):
+    raise ValueError(f"block_chunks={block_chunks!r} must be an integer >= 1")
   reason = unsupported_reason(config)
   if reason is not None:
     raise ValueError(f"implementation='affine' cannot run this memory: {reason}")
   step, (w0, s0), xs, num_chunks = chunkwise.chunk_scan(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates,
                                                         state, slow, config)
-  block = default_block_chunks(num_chunks) if block_chunks is None else block_chunks
-  if not isinstance(block, int) or block < 1:
-    raise ValueError(f"block_chunks={block_chunks!r} must be an integer >= 1")
-  block = min(block, num_chunks)
+  block = min(default_block_chunks(num_chunks) if block_chunks is None else block_chunks,
+              num_chunks)
   num_blocks = -(-num_chunks // block)
   bias, has_s = config.model.bias, config.rule.has_momentum
   lam, mu = _LOSS_TERMS[config.loss]
   acc = jax.tree.leaves(w0)[0].dtype
-  _mm = _einsum_at(MAP_PRECISIONS[map_precision] if acc == jnp.float32
-                   else jax.lax.Precision.HIGHEST)
-  q_c, k_c, v_c, coefs = xs
-  chunks = _chunks_in_blocks(q_c, k_c, v_c, chunkwise.chunk_end(coefs, config.read), bias,
+  mm = _einsum_at(MAP_PRECISIONS[map_precision] if acc == jnp.float32
+                  else jax.lax.Precision.HIGHEST)
+  _, k_c, v_c, coefs = xs
+  chunks = _chunks_in_blocks(k_c, v_c, chunkwise.chunk_end(coefs, config.read), bias,
                              num_blocks, block, acc)                      # leaves [L, P, B, H, ...]
   lanes = chunks.p.shape[1:]                                              # (P, B, H)
   width = chunks.k.shape[-1]                                              # d~
@@ -181,8 +186,8 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
 
   def compose_block(maps, chunk):
     a, b = maps
-    return (join(_advance(split(a), chunk, lam, mu, False, _mm)),
-            join(_advance(split(b), chunk, lam, mu, True, _mm))), None
+    return (join(_advance(split(a), chunk, lam, mu, False, mm)),
+            join(_advance(split(b), chunk, lam, mu, True, mm))), None
 
   (block_a, block_b), _ = jax.lax.scan(compose_block, (eye, zero), chunks)
 
@@ -191,14 +196,14 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   x0 = _augment(w0, bias)
   if has_s:
     x0 = jnp.concatenate([x0, _augment(s0, bias)], -1)                   # [B, H, d, m]
-  prefix_a, prefix_b = jax.lax.associative_scan(lambda e, l: _compose(e, l, _mm),
+  prefix_a, prefix_b = jax.lax.associative_scan(lambda e, l: _compose(e, l, mm),
                                                 (block_a, block_b), axis=0)
-  after = _mm("bhij,pbhjk->pbhik", x0, prefix_a) + prefix_b
+  after = mm("bhij,pbhjk->pbhik", x0, prefix_a) + prefix_b
   block_starts = jnp.concatenate([x0[None], after[:-1]], 0)              # [P, B, H, d, m]
 
   # 3. Every chunk's start state: each block's L chunks in sequence, all blocks at once.
   def chunk_start(x, chunk):
-    return join(_advance(split(x), chunk, lam, mu, True, _mm)), x
+    return join(_advance(split(x), chunk, lam, mu, True, mm)), x
 
   _, starts = jax.lax.scan(chunk_start, block_starts, chunks)           # [L, P, B, H, d, m]
   starts = jnp.swapaxes(starts, 0, 1).reshape((num_blocks * block,) + starts.shape[2:])
