@@ -8,8 +8,9 @@ r"""Speed of tnt_jax's ops, variants side by side in one process.
     python -m experiments.benchmark --mode=kernel --lengths=8192,32768 --head_dims=64,128
 
 Kernel mode times the fused Pallas kernel (memory_op implementation="pallas") against the XLA
-path on the same inputs (and, for linear memories, implementation="affine"), fwd and fwd+bwd, for each (length, head dim, model, read, chunk); rows
-where the kernel would fall back name the reason instead of a time. It then times a whole TNT
+path on the same inputs (and, for linear memories, implementation="affine"), fwd and fwd+bwd,
+for each (length, head dim, model, read, chunk); rows where the kernel would fall back name the
+reason instead of a time. It then times a whole TNT
 memory (global --global_chunk chunk-start + one local of chunk --kernel_local_chunk, shards of
 --shard_length) both ways, and cuDNN causal attention with the same heads.
 
@@ -279,8 +280,8 @@ def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_bl
 
 def kernel_implementations():
   """(row label, implementation, settings) per compared path: xla, the affine scan with each
-  --affine_blocks x --affine_precisions (settings: affine_memory's keywords), then the kernel with each --kernel_blocks setting
-  (settings: KernelBlocks; the defaults labelled plain "pallas")."""
+  --affine_blocks x --affine_precisions (settings: affine_memory's keywords), then the kernel
+  with each --kernel_blocks setting (settings: KernelBlocks; the defaults labelled "pallas")."""
   yield "xla", "xla", None
   for block in FLAGS.affine_blocks:
     for precision in FLAGS.affine_precisions:

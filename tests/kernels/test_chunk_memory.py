@@ -112,7 +112,6 @@ class KernelTestCase(parameterized.TestCase):
         assert_trees_rel_close(self, g, r, tol, f"{what}d_{name}")
 
 
-
 class ChunkMemoryKernelTest(KernelTestCase):
   """The row kernel, compiled on the accelerator; subclasses interpret it anywhere."""
 

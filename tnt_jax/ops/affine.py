@@ -129,9 +129,8 @@ def _chunks_in_blocks(k_c, v_c, end, bias, num_blocks, block, acc) -> _Chunk:
   k = k_c.astype(acc)
   if bias:
     k = jnp.concatenate([k, jnp.ones(k.shape[:-1] + (1,), acc)], -1)
-  zeros = jnp.zeros(end.w_from_w0.shape, acc)
-  chunk = _Chunk(k, v_c.astype(acc), end.w_from_w0, end.w_from_s0, end.w_from_x,
-                 zeros + end.s_from_s0, end.s_from_x)
+  chunk = _Chunk(k, v_c, end.w_from_w0, end.w_from_s0, end.w_from_x, end.s_from_s0,
+                 end.s_from_x)
   pad = num_blocks * block - k_c.shape[0]
   fills = _Chunk(0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -209,8 +208,7 @@ def affine_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   starts = jnp.swapaxes(starts, 0, 1).reshape((num_blocks * block,) + starts.shape[2:])
   starts = starts[:num_chunks]
 
-  carry = lambda x: (_split(x[..., :width], bias),
-                     _split(x[..., width:], bias) if has_s else None)
+  carry = lambda x: tuple(None if part is None else _split(part, bias) for part in split(x))
   out_N = jax.vmap(lambda x, chunk_xs: step(carry(x), chunk_xs)[1])(starts, xs)
   w_final, s_final = carry(after[-1])
   out = chunkwise._from_chunks(out_N, q_BxTxHxD.shape[1]).astype(q_BxTxHxD.dtype)

@@ -17,7 +17,8 @@ implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel
   instead of one step per chunk; other memories run the xla path and the reason is logged once)
   | "pallas" (the fused kernel, tnt_jax/kernels/chunk_memory.py, on GPU and TPU; where it
   cannot run this op -- model, rule, dtype, shape or platform -- the xla path runs instead and
-  the reason is logged once) | "pallas_interpret" (the same kernel body interpreted, on any backend: for tests).
+  the reason is logged once) | "pallas_interpret" (the same kernel body interpreted, on any
+  backend: for tests).
 A length that is not a multiple of chunk_size is fine: the last chunk is shorter.
 """
 

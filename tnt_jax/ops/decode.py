@@ -174,8 +174,8 @@ def tnt_prefill(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Seq
                 implementation: str = "xla", remat: bool = False, kernel_blocks=None
                 ) -> tuple[Array, TNTDecodeState]:
   """tnt_op's outputs for T tokens starting at an aligned `position`, and the decode state
-  after them (kernel_blocks: as tnt_op's). global_state: the global memory's state at `position` (carry_state of a decode
-  state, or init_state at the stream start)."""
+  after them. global_state: the global memory's state at `position` (carry_state of a decode
+  state, or init_state at the stream start). kernel_blocks: as tnt_op's."""
   out, g_carry = _global_prefill(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates[0], global_state,
                                  slows[0], config.global_memory, implementation, remat,
                                  kernel_blocks)
