@@ -64,6 +64,7 @@ from tnt_jax.ops import transitions
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
 BACKWARDS = ("fused", "xla")
+TILE_LOWERINGS = ("pallas", "mosaic_gpu")
 # The driver each platform compiles; elsewhere only interpret mode runs the kernel.
 PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
 
@@ -105,6 +106,11 @@ class KernelBlocks:
     H100 at C = 2048 the Titans mlp's forward is 1.2x XLA's but its forward+backward 2x slower
     (docs/kernel_notes.md, v8), so those reads run on XLA. 32 is the measured best tile (an mlp
     tile's float32 activations, 32 x hidden 256, stay in registers).
+  tile_lowering: which kernels run those tiles. "pallas": kernels/chunk_start.py (Triton on the
+    GPU, Mosaic TPU, or interpreted). "mosaic_gpu": kernels/chunk_start_mgpu.py, Hopper wgmma
+    through Pallas' Mosaic GPU lowering (bf16/f16, linear and 2-layer mlp memories; interpreted
+    on other platforms only when interpret is set); `tile` is then rounded up to a multiple of
+    its 64-token wgmma tile and sets each program's token split.
   """
   num_warps: int | None = None
   num_stages: int = 1
@@ -116,11 +122,15 @@ class KernelBlocks:
   hidden_slice: int = 0
   layout: str | None = None
   tile: int = 0
+  tile_lowering: str = "pallas"
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
+    if self.tile_lowering not in TILE_LOWERINGS:
+      raise ValueError(f"KernelBlocks.tile_lowering={self.tile_lowering!r} is unknown; expected "
+                       f"one of {TILE_LOWERINGS}")
     if self.layout is not None and self.layout not in LAYOUTS:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
@@ -147,7 +157,8 @@ class KernelBlocks:
 
   @classmethod
   def from_spec(cls, spec: str) -> "KernelBlocks":
-    """'default' or 'field=value+field=value' (integer fields; backward and layout take a name),
+    """'default' or 'field=value+field=value' (integer fields; backward, layout and
+    tile_lowering take a name),
     as the benchmark's --kernel_blocks flag writes them."""
     if spec == "default":
       return cls()
@@ -157,7 +168,7 @@ class KernelBlocks:
       if not sep or name not in cls.__dataclass_fields__:
         raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
                          f"field ({', '.join(cls.__dataclass_fields__)})")
-      named = name in ("backward", "layout")
+      named = name in ("backward", "layout", "tile_lowering")
       if not named and not value.isdigit():
         raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
       fields[name] = value if named else int(value)
@@ -223,6 +234,9 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
   if rule.kind not in ("gd", "titans"):
     return f"rule={rule.kind!r} (the kernel does gd and titans)"
   tiled = uses_tiles(config, head_dim, driver, blocks)
+  if tiled and blocks.tile_lowering == "mosaic_gpu":
+    from tnt_jax.kernels import chunk_start_mgpu
+    return chunk_start_mgpu.unsupported_reason(model, head_dim, dtype, compiled=not interpret)
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
   if width:

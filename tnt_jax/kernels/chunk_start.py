@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from tnt_jax.kernels import chunk_memory as cm
+from tnt_jax.kernels import chunk_start_mgpu
 from tnt_jax.kernels.step_math import ChunkLayout, dot, one_dtype_per_matmul
 from tnt_jax.memory.config import MemoryConfig
 from tnt_jax.memory.rules import MemoryState
@@ -54,7 +55,10 @@ def key_input_layers(model, depth: int) -> tuple:
 
 def tile_size(chunk_size: int, blocks: cm.KernelBlocks, driver: str) -> int:
   """Tokens per program: KernelBlocks.tile, or the chunk rounded up to a power of 2 when that is
-  smaller (>= 16 on the GPU driver, whose matmuls need every dimension >= 16)."""
+  smaller (>= 16 on the GPU driver, whose matmuls need every dimension >= 16). The Mosaic GPU
+  kernels take whole 64-token wgmma tiles (chunk_start_mgpu.program_tile)."""
+  if blocks.tile_lowering == "mosaic_gpu":
+    return chunk_start_mgpu.program_tile(chunk_size, blocks.tile)
   whole = 1 << (chunk_size - 1).bit_length()
   tile = min(blocks.tile, whole)
   return max(tile, cm.MIN_GPU_CHUNK) if driver == "chunk_loop" else tile
@@ -256,6 +260,40 @@ def _outer_sum(scaled_RxCxO, inputs_RxCxI, compute_dtype):
   return dot(scaled_RxCxO, inputs_RxCxI, compute_dtype, ((1,), (1,)), batch=((0,), (0,)))
 
 
+def _chunk_sums(static: _TileStatic, weights, q, k, v, c_w, c_s):
+  """One chunk of every row in jnp (XLA's path): (out [R, C, d], [sum_t c_w delta a^T per layer],
+  [sum_t c_s delta a^T per layer]), the sums [R, out, in] float32."""
+  cd = q.dtype
+  out, scaled_w, scaled_s, fed = jax.vmap(functools.partial(_tile_fn, static))(
+      weights, q, k, v, c_w, c_s)
+  fed = iter(fed)
+  inputs = [k if is_key else next(fed)
+            for is_key in key_input_layers(static.config.model, len(weights))]
+  return (out, [_outer_sum(u, a, cd) for u, a in zip(scaled_w, inputs)],
+          [_outer_sum(u, a, cd) for u, a in zip(scaled_s, inputs)])
+
+
+def _mosaic_sums(static: _TileStatic, weights, q, k, v, c_w, c_s):
+  """_chunk_sums on the Mosaic GPU kernels (kernels/chunk_start_mgpu.py)."""
+  config = static.config
+  act = config.model.activation
+  out, e = chunk_start_mgpu.map_pass([jnp.swapaxes(w, 1, 2) for w in weights], q, k, v,
+                                     activation=act, l2=config.loss == "l2", tile=static.tile,
+                                     interpret=static.interpret)
+  if e is None:                                   # the dot loss: dl/dy = -v (loss_gradient)
+    e = -v.astype(jnp.float32)
+  sums_w, sums_s = chunk_start_mgpu.reduce_pass(weights, k, e, c_w, c_s, activation=act,
+                                                tile=static.tile, interpret=static.interpret)
+  return out, sums_w, sums_s
+
+
+# The Mosaic GPU forward; its backward is the vjp of the same chunk in jnp (recomputed by XLA).
+_mosaic_chunk = jax.custom_vjp(_mosaic_sums, nondiff_argnums=(0,))
+_mosaic_chunk.defvjp(
+    lambda static, *args: (_mosaic_sums(static, *args), args),
+    lambda static, args, cot: jax.vjp(functools.partial(_chunk_sums, static), *args)[1](cot))
+
+
 def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates,
                              state: MemoryState, config: MemoryConfig, *, driver: str,
                              interpret, blocks: cm.KernelBlocks):
@@ -289,15 +327,20 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
     # The kernel's matmuls read W0 in the compute dtype; casting once here halves what every
     # program loads and holds (the cast is the one the matmuls would make).
     w0_cd = [w.astype(cd) for w in w0]
-    out, scaled_w, scaled_s, fed = _tile_pass(static, w0_cd, qc, kc, vc, c_w, c_s)
-    fed = iter(fed)
-    inputs = [kc if is_key else next(fed) for is_key in keyed]
+    if blocks.tile_lowering == "mosaic_gpu":
+      out, sums_w, sums_s = _mosaic_chunk(static, w0_cd, qc, kc, vc, c_w, c_s)
+    else:
+      out, scaled_w, scaled_s, fed = _tile_pass(static, w0_cd, qc, kc, vc, c_w, c_s)
+      fed = iter(fed)
+      inputs = [kc if is_key else next(fed) for is_key in keyed]
+      sums_w = [_outer_sum(u, a, cd) for u, a in zip(scaled_w, inputs)]
+      sums_s = [_outer_sum(u, a, cd) for u, a in zip(scaled_s, inputs)]
     # p, q_coef, r: [R, 1, 1] against the [R, out, in] states.
-    w1 = [p * w + _outer_sum(u, a, cd) for w, u, a in zip(w0, scaled_w, inputs)]
+    w1 = [p * w + sw for w, sw in zip(w0, sums_w)]
     s1 = None
     if has_s:
       w1 = [w + q_coef * s for w, s in zip(w1, s0)]
-      s1 = [r * s + _outer_sum(u, a, cd) for s, u, a in zip(s0, scaled_s, inputs)]
+      s1 = [r * s + ss for s, ss in zip(s0, sums_s)]
     return (w1, s1), out
 
   xs = (q, k, v, tuple(coef_xs))
