@@ -1,4 +1,5 @@
-"""Where one chunk of the chunk-start tile path spends its time (kernels/chunk_start.py).
+"""Where one chunk of the chunk-start tile path spends its time (kernels/chunk_start.py, or
+kernels/chunk_start_mgpu.py for settings with tile_lowering=mosaic_gpu).
 
 Times, for one chunk of every row (batch x heads rows, C = --chunk tokens): the tile kernel's
 forward, the outer-sum GEMMs that reduce its outputs, the tile kernel's backward, the whole op
@@ -6,6 +7,9 @@ forward, the outer-sum GEMMs that reduce its outputs, the tile kernel's backward
 benchmark's flags for batch, heads, expansion, rule and dtype:
 
     python -m experiments.tile_breakdown --chunk=2048 --head_dims=64 --kernel_blocks=tile=32,tile=16
+
+With tile_lowering=mosaic_gpu the kernel pieces are its two passes (pass 2 with its XLA operand
+preparation and split sums), and the backward is XLA's recompute, inside the whole-op rows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from experiments.benchmark import FLAGS, median_seconds, op_inputs
 from tnt_jax.kernels import chunk_memory as cm
 from tnt_jax.kernels import chunk_start as cs
+from tnt_jax.kernels import chunk_start_mgpu as mg
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
 
@@ -49,6 +54,24 @@ def _pieces(config, blocks, head_dim, dtype):
   driver = "chunk_loop" if gpu else "sequential_grid"
   static = cs._TileStatic(config, c_s is not None, cs.tile_size(c, blocks, driver), driver,
                           not gpu, blocks)
+  kernel_impl = "pallas" if gpu else "pallas_interpret"
+  op = lambda impl: (lambda *a: memory_op(*a[:4], a[4], {}, config, implementation=impl,
+                                          kernel_blocks=blocks))
+  whole = (q, k, v, gates, state)
+  whole_op = [
+      ("tile path fwd", jax.jit(op(kernel_impl)), whole),
+      ("tile path fwd+bwd", jax.jit(_loss_grad(op(kernel_impl))), whole),
+      ("xla path fwd", jax.jit(op("xla")), whole),
+      ("xla path fwd+bwd", jax.jit(_loss_grad(op("xla"))), whole),
+  ]
+  if blocks.tile_lowering == "mosaic_gpu":
+    settings = dict(activation=config.model.activation, tile=static.tile, interpret=not gpu)
+    weights_t = [jnp.swapaxes(w, 1, 2) for w in weights]
+    map_pass = jax.jit(lambda *a: mg.map_pass(*a, l2=config.loss == "l2", **settings))
+    _, e = map_pass(weights_t, qr, kr, vr)
+    reduce_pass = jax.jit(lambda *a: mg.reduce_pass(*a, **settings))
+    return [("mosaic pass 1", map_pass, (weights_t, qr, kr, vr)),
+            ("mosaic pass 2", reduce_pass, (weights, kr, e, c_w, c_s))] + whole_op
   tile_fwd = jax.jit(lambda *a: cs._tile_forward(static, *a))
   outputs = tile_fwd(weights, qr, kr, vr, c_w, c_s)
   keyed = cs.key_input_layers(config.model, len(names))
@@ -61,19 +84,11 @@ def _pieces(config, blocks, head_dim, dtype):
             + [cs._outer_sum(u, a, dtype) for u, a in zip(scaled_s, inputs)])
 
   tile_bwd = jax.jit(lambda *a: cs._tile_backward(static, *a))
-  kernel_impl = "pallas" if gpu else "pallas_interpret"
-  op = lambda impl: (lambda *a: memory_op(*a[:4], a[4], {}, config, implementation=impl,
-                                          kernel_blocks=blocks))
-  whole = (q, k, v, gates, state)
   return [
       ("tile kernel fwd", tile_fwd, (weights, qr, kr, vr, c_w, c_s)),
       ("outer-sum GEMMs", jax.jit(gemms), (outputs, kr)),
       ("tile kernel bwd", tile_bwd, (weights, qr, kr, vr, c_w, c_s, outputs)),
-      ("tile path fwd", jax.jit(op(kernel_impl)), whole),
-      ("tile path fwd+bwd", jax.jit(_loss_grad(op(kernel_impl))), whole),
-      ("xla path fwd", jax.jit(op("xla")), whole),
-      ("xla path fwd+bwd", jax.jit(_loss_grad(op("xla"))), whole),
-  ]
+  ] + whole_op
 
 
 def main(_):
