@@ -37,14 +37,12 @@ falls back to XLA with the reason logged).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tnt_jax.kernels.step_math import act_and_grad, dot
+from tnt_jax.kernels.step_math import act_and_grad
 
 Array = jax.Array
 
