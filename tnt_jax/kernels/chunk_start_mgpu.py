@@ -167,6 +167,25 @@ def _store(value, buffer, dst):
   plgpu.copy_smem_to_gmem(buffer, dst)
 
 
+def _split_k(tile_step, parts, buffer, at, shape, tiles):
+  """A split-K program: zeroed accumulators, tile_step(tokens, accs) for each of the split's
+  `tiles` wgmma tiles, then each accumulator stored to its partial at (row, split, :, cols)."""
+  plgpu = _plgpu()
+  r, split, cols = at
+
+  def accumulate(*accs):
+    @pl.loop(0, tiles)
+    def _(u):
+      tile_step(pl.ds((split * tiles + u) * TILE, TILE), accs)
+      plgpu.wgmma_wait(0)            # the tile's buffers are refilled next iteration
+
+    for acc, part in zip(accs, parts):
+      _store(acc[...], buffer, part.at[r, split, :, cols])
+
+  _with_accumulators(accumulate, [shape] * len(parts))
+  plgpu.wait_smem_to_gmem(0)
+
+
 def map_pass(weights_t, q, k, v, *, activation: str, l2: bool, tile: int, interpret):
   """Pass 1. weights_t: [R, in, out] per layer (W^T), compute dtype; q, k, v [R, C, d].
   Returns (out [R, C, d] compute dtype, E [R, C, d] float32 or None for the dot loss)."""
@@ -259,25 +278,16 @@ def reduce_pass(weights, k, e, c_w, c_s, *, activation: str, tile: int, interpre
       r, j, split = (lax.axis_index(a) for a in ("rows", "slices", "splits"))
       cols = pl.ds(j * width, width)
 
-      def accumulate(*accs):
-        @pl.loop(0, sub)
-        def _(u):
-          tokens = pl.ds((split * sub + u) * TILE, TILE)
-          _load([(k_g.at[r, tokens, cols], k_s)]
-                + [(g.at[r, :, tokens], s) for g, s in zip(st_g, st_s)], barrier)
-          for acc, s in zip(accs, st_s):
-            plgpu.wgmma(acc, s, k_s)
-          plgpu.wgmma_wait(0)            # the buffers are refilled next tile
+      def tile_step(tokens, accs):
+        _load([(k_g.at[r, tokens, cols], k_s)]
+              + [(g.at[r, :, tokens], s) for g, s in zip(st_g, st_s)], barrier)
+        for acc, s in zip(accs, st_s):
+          plgpu.wgmma(acc, s, k_s)
 
-        for acc, part in zip(accs, part_g):
-          _store(acc[...], p_s, part.at[r, split, :, cols])
-
-      _with_accumulators(accumulate, [(d, width)] * n_out)
-      plgpu.wait_smem_to_gmem(0)
+      _split_k(tile_step, part_g, p_s, (r, split, cols), (d, width), sub)
 
     scratch = [_smem((TILE, width), cd), [_smem((d, TILE), cd) for _ in range(n)],
                _smem((d, width), jnp.float32), plgpu.Barrier(num_barriers=n + 1)]
-    part_shape = (rows, chunk // tile, d, in_units)
   else:
     w1, w2 = weights                                   # [R, h, d], [R, d, h]
     inputs = [jnp.swapaxes(w1, 1, 2), w2, k, jnp.swapaxes(k, 1, 2), e.astype(cd),
@@ -290,31 +300,23 @@ def reduce_pass(weights, k, e, c_w, c_s, *, activation: str, tile: int, interpre
       cols = pl.ds(j * width, width)
       _load([(w1t_g.at[r, :, cols], w1_s), (w2_g.at[r, :, cols], w2_s)], barrier)
 
-      def accumulate(*accs):
-        @pl.loop(0, sub)
-        def _(u):
-          tokens = pl.ds((split * sub + u) * TILE, TILE)
-          _load([(k_g.at[r, tokens], k_s), (kt_g.at[r, :, tokens], kt_s),
-                 (eb_g.at[r, tokens], e_s)]
-                + [(g.at[r, tokens], s) for g, s in zip(coef_g, coef_s)]
-                + [(g.at[r, :, tokens], s) for g, s in zip(st_g, st_s)], barrier)
-          a, da = act_and_grad(activation, _mm(k_s, w1_s, (TILE, width)))
-          a_s[...] = a.astype(cd)
-          dd = _mm(e_s, w2_s, (TILE, width)) * da                # delta_1 on this slice
-          for coef, buf in zip(coef_s, dd_s):
-            buf[...] = (lax.broadcast_in_dim(coef[...], (TILE, width), [0]) * dd).astype(cd)
-          plgpu.commit_smem()
-          for acc, s in zip(accs[:n], st_s):                     # layer 2: (coef E)^T A_j
-            plgpu.wgmma(acc, s, a_s)
-          for acc, buf in zip(accs[n:], dd_s):                   # layer 1: K^T (coef D_j)
-            plgpu.wgmma(acc, kt_s, buf)
-          plgpu.wgmma_wait(0)            # the buffers are refilled next tile
+      def tile_step(tokens, accs):
+        _load([(k_g.at[r, tokens], k_s), (kt_g.at[r, :, tokens], kt_s),
+               (eb_g.at[r, tokens], e_s)]
+              + [(g.at[r, tokens], s) for g, s in zip(coef_g, coef_s)]
+              + [(g.at[r, :, tokens], s) for g, s in zip(st_g, st_s)], barrier)
+        a, da = act_and_grad(activation, _mm(k_s, w1_s, (TILE, width)))
+        a_s[...] = a.astype(cd)
+        dd = _mm(e_s, w2_s, (TILE, width)) * da                  # delta_1 on this slice
+        for coef, buf in zip(coef_s, dd_s):
+          buf[...] = (lax.broadcast_in_dim(coef[...], (TILE, width), [0]) * dd).astype(cd)
+        plgpu.commit_smem()
+        for acc, s in zip(accs[:n], st_s):                       # layer 2: (coef E)^T A_j
+          plgpu.wgmma(acc, s, a_s)
+        for acc, buf in zip(accs[n:], dd_s):                     # layer 1: K^T (coef D_j)
+          plgpu.wgmma(acc, kt_s, buf)
 
-        for acc, part in zip(accs, part_g):
-          _store(acc[...], p_s, part.at[r, split, :, cols])
-
-      _with_accumulators(accumulate, [(d, width)] * n_out)
-      plgpu.wait_smem_to_gmem(0)
+      _split_k(tile_step, part_g, p_s, (r, split, cols), (d, width), sub)
 
     scratch = [_smem((d, width), cd), _smem((d, width), cd), _smem((TILE, d), cd),
                _smem((d, TILE), cd), _smem((TILE, d), cd),
@@ -322,7 +324,8 @@ def reduce_pass(weights, k, e, c_w, c_s, *, activation: str, tile: int, interpre
                [_smem((d, TILE), cd) for _ in range(n)], _smem((TILE, width), cd),
                [_smem((TILE, width), cd) for _ in range(n)], _smem((d, width), jnp.float32),
                plgpu.Barrier(num_barriers=5 + 2 * n)]
-    part_shape = (rows, chunk // tile, d, in_units)
+
+  part_shape = (rows, chunk // tile, d, in_units)        # a [d, width] block per program
 
   partials = plgpu.kernel(
       body, out_type=[jax.ShapeDtypeStruct(part_shape, jnp.float32)] * n_out,
