@@ -22,10 +22,13 @@ from experiments.benchmark import FLAGS, median_seconds, op_inputs
 from tnt_jax.kernels import chunk_memory as cm
 from tnt_jax.kernels import chunk_start as cs
 from tnt_jax.kernels import chunk_start_mgpu as mg
+from tnt_jax import profiling
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
 
 flags.DEFINE_integer("chunk", 2048, "tokens in the chunk (one chunk per row is timed)")
+flags.DEFINE_integer("profile_top", 0, "also profile the whole-op pieces and print their this "
+                     "many longest kernels (GPU: launches and ms per run)")
 
 
 def _loss_grad(forward):
@@ -108,6 +111,13 @@ def main(_):
           ms = 1e3 * median_seconds(fn, args, FLAGS.warmup, FLAGS.reps)
           print(f"{model_name:7s} d={head_dim:<4d} {spec:28s} {name:20s} {ms:9.3f} ms",
                 flush=True)
+          if FLAGS.profile_top and " path " in name:
+            kernels = profiling.profile_kernels(fn, args, FLAGS.reps)
+            ranked = sorted(kernels.items(), key=lambda item: -item[1][1])
+            total = sum(ms for _, ms in kernels.values())
+            print(f"    kernels: {len(kernels)} names, {total:.3f} ms summed")
+            for kernel, (count, kernel_ms) in ranked[:FLAGS.profile_top]:
+              print(f"    {kernel_ms:8.3f} ms  x{count:<4d} {kernel[:110]}")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,29 @@ def split_profile(profile, steps: int = 1, max_devices: int | None = None) -> Ti
                    exposed_comm_ms=mean_ms(2))
 
 
-def profile_step_split(fn, args, steps: int = 1, max_devices: int | None = None) -> TimeSplit:
-  """Run fn(*args) `steps` times under the profiler (after one untraced run) and split the
-  device time (see the module doc)."""
+def kernel_milliseconds(profile, steps: int = 1) -> dict[str, tuple[int, float]]:
+  """Per kernel name on the first device plane: (launches per step, milliseconds per step),
+  from a jax.profiler.ProfileData holding `steps` runs of a step."""
+  planes = sorted((p for p in profile.planes if p.name.startswith(DEVICE_PLANE_PREFIX)),
+                  key=lambda p: p.name)
+  totals: dict[str, list] = {}
+  for line in (planes[0].lines if planes else ()):
+    if not line.name.lower().startswith("stream"):
+      continue
+    for event in line.events:
+      entry = totals.setdefault(event.name, [0, 0])
+      entry[0] += 1
+      entry[1] += event.duration_ns
+  return {name: (count // steps, ns / steps / 1e6) for name, (count, ns) in totals.items()}
+
+
+def profile_kernels(fn, args, steps: int = 1) -> dict[str, tuple[int, float]]:
+  """Run fn(*args) `steps` times under the profiler (after one untraced run): the kernels'
+  launches and milliseconds per run (`kernel_milliseconds`)."""
+  return kernel_milliseconds(_profile(fn, args, steps), steps)
+
+
+def _profile(fn, args, steps):
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
@@ -120,4 +140,10 @@ def profile_step_split(fn, args, steps: int = 1, max_devices: int | None = None)
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
       raise RuntimeError(f"the profiler wrote no .xplane.pb under {trace_dir}")
-    return split_profile(jax.profiler.ProfileData.from_file(paths[0]), steps, max_devices)
+    return jax.profiler.ProfileData.from_file(paths[0])
+
+
+def profile_step_split(fn, args, steps: int = 1, max_devices: int | None = None) -> TimeSplit:
+  """Run fn(*args) `steps` times under the profiler (after one untraced run) and split the
+  device time (see the module doc)."""
+  return split_profile(_profile(fn, args, steps), steps, max_devices)
