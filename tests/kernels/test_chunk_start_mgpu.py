@@ -106,6 +106,7 @@ class MosaicTileRulesTest(parameterized.TestCase):
 
   def test_refusals_name_the_value(self):
     self.assertIn("dtype=float32", self._reason(MemoryModel("linear"), dtype=jnp.float32))
+    self.assertIn("dtype=float16", self._reason(MemoryModel("linear"), dtype=jnp.float16))
     self.assertIn("kind='swiglu'", self._reason(MemoryModel("swiglu")))
     self.assertIn("depth=3", self._reason(MemoryModel("mlp", depth=3)))
     self.assertIn("head_dim=32", self._reason(MemoryModel("linear"), head_dim=32))

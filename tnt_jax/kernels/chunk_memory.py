@@ -108,7 +108,7 @@ class KernelBlocks:
     tile's float32 activations, 32 x hidden 256, stay in registers).
   tile_lowering: which kernels run those tiles. "pallas": kernels/chunk_start.py (Triton on the
     GPU, Mosaic TPU, or interpreted). "mosaic_gpu": kernels/chunk_start_mgpu.py, Hopper wgmma
-    through Pallas' Mosaic GPU lowering (bf16/f16, linear and 2-layer mlp memories; interpreted
+    through Pallas' Mosaic GPU lowering (bf16, linear and 2-layer mlp memories; interpreted
     on other platforms only when interpret is set); `tile` is then rounded up to a multiple of
     its 64-token wgmma tile and sets each program's token split.
   """

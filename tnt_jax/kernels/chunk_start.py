@@ -260,17 +260,21 @@ def _outer_sum(scaled_RxCxO, inputs_RxCxI, compute_dtype):
   return dot(scaled_RxCxO, inputs_RxCxI, compute_dtype, ((1,), (1,)), batch=((0,), (0,)))
 
 
-def _chunk_sums(static: _TileStatic, weights, q, k, v, c_w, c_s):
-  """One chunk of every row in jnp (XLA's path): (out [R, C, d], [sum_t c_w delta a^T per layer],
-  [sum_t c_s delta a^T per layer]), the sums [R, out, in] float32."""
-  cd = q.dtype
-  out, scaled_w, scaled_s, fed = jax.vmap(functools.partial(_tile_fn, static))(
-      weights, q, k, v, c_w, c_s)
+def _reduce_tiles(static: _TileStatic, tile_outputs, k):
+  """The tile map's outputs [R, C, ...] reduced over the chunk: (out, [sum_t c_w delta a^T per
+  layer], [sum_t c_s delta a^T per layer]), the sums [R, out, in] float32."""
+  out, scaled_w, scaled_s, fed = tile_outputs
   fed = iter(fed)
   inputs = [k if is_key else next(fed)
-            for is_key in key_input_layers(static.config.model, len(weights))]
-  return (out, [_outer_sum(u, a, cd) for u, a in zip(scaled_w, inputs)],
-          [_outer_sum(u, a, cd) for u, a in zip(scaled_s, inputs)])
+            for is_key in key_input_layers(static.config.model, len(scaled_w))]
+  return (out, [_outer_sum(u, a, k.dtype) for u, a in zip(scaled_w, inputs)],
+          [_outer_sum(u, a, k.dtype) for u, a in zip(scaled_s, inputs)])
+
+
+def _chunk_sums(static: _TileStatic, weights, q, k, v, c_w, c_s):
+  """`_reduce_tiles` of the tile map in jnp (XLA's path), for every row of one chunk."""
+  tile_outputs = jax.vmap(functools.partial(_tile_fn, static))(weights, q, k, v, c_w, c_s)
+  return _reduce_tiles(static, tile_outputs, k)
 
 
 def _mosaic_sums(static: _TileStatic, weights, q, k, v, c_w, c_s):
@@ -319,7 +323,6 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
              for f in ("end_w0", "end_s0", "end_ss0", "end_x", "end_sx")]
   weights0 = cm._state_rows(state.weights, names, acc)
   momentum0 = cm._state_rows(state.momentum, names, acc) if has_s else None
-  keyed = key_input_layers(config.model, len(names))
 
   def step(carry, xs):
     w0, s0 = carry
@@ -330,11 +333,8 @@ def tiled_chunk_start_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Arra
     if blocks.tile_lowering == "mosaic_gpu":
       out, sums_w, sums_s = _mosaic_chunk(static, w0_cd, qc, kc, vc, c_w, c_s)
     else:
-      out, scaled_w, scaled_s, fed = _tile_pass(static, w0_cd, qc, kc, vc, c_w, c_s)
-      fed = iter(fed)
-      inputs = [kc if is_key else next(fed) for is_key in keyed]
-      sums_w = [_outer_sum(u, a, cd) for u, a in zip(scaled_w, inputs)]
-      sums_s = [_outer_sum(u, a, cd) for u, a in zip(scaled_s, inputs)]
+      out, sums_w, sums_s = _reduce_tiles(
+          static, _tile_pass(static, w0_cd, qc, kc, vc, c_w, c_s), kc)
     # p, q_coef, r: [R, 1, 1] against the [R, out, in] states.
     w1 = [p * w + sw for w, sw in zip(w0, sums_w)]
     s1 = None
