@@ -64,7 +64,8 @@ from tnt_jax.ops import transitions
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
 BACKWARDS = ("fused", "xla")
-TILE_LOWERINGS = ("pallas", "mosaic_gpu")
+LOWERINGS = ("pallas", "mosaic_gpu")    # KernelBlocks.row_lowering / tile_lowering
+TILE_LOWERINGS = LOWERINGS
 # The driver each platform compiles; elsewhere only interpret mode runs the kernel.
 PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
 
@@ -111,6 +112,11 @@ class KernelBlocks:
     through Pallas' Mosaic GPU lowering (bf16, linear and 2-layer mlp memories; interpreted
     on other platforms only when interpret is set); `tile` is then rounded up to a multiple of
     its 64-token wgmma tile and sets each program's token split.
+  row_lowering: which kernel runs the row forward. "pallas": the chunk loop above (Triton on the
+    GPU, Mosaic TPU, or interpreted). "mosaic_gpu": kernels/chunk_rows_mgpu.py, Hopper wgmma
+    through Pallas' Mosaic GPU lowering (bf16 linear memories in the "features" layout, chunks
+    padded to 16, 32 or 64; interpreted elsewhere when interpret is set). The backward is the
+    same as the default's (`backward`).
   """
   num_warps: int | None = None
   num_stages: int = 1
@@ -123,14 +129,16 @@ class KernelBlocks:
   layout: str | None = None
   tile: int = 0
   tile_lowering: str = "pallas"
+  row_lowering: str = "pallas"
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
-    if self.tile_lowering not in TILE_LOWERINGS:
-      raise ValueError(f"KernelBlocks.tile_lowering={self.tile_lowering!r} is unknown; expected "
-                       f"one of {TILE_LOWERINGS}")
+    for name in ("tile_lowering", "row_lowering"):
+      if getattr(self, name) not in LOWERINGS:
+        raise ValueError(f"KernelBlocks.{name}={getattr(self, name)!r} is unknown; expected one "
+                         f"of {LOWERINGS}")
     if self.layout is not None and self.layout not in LAYOUTS:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
@@ -154,6 +162,10 @@ class KernelBlocks:
     if slice_ and self.layout == "features":
       raise ValueError(f"KernelBlocks.hidden_slice={slice_} streams a token-major state; "
                        f"layout={self.layout!r} needs hidden_slice=0")
+    if self.row_lowering == "mosaic_gpu" and (self.layout == "tokens" or slice_):
+      raise ValueError(f"KernelBlocks.row_lowering='mosaic_gpu' runs the \"features\" layout "
+                       f"with the state carried whole; got layout={self.layout!r}, "
+                       f"hidden_slice={slice_}")
 
   @classmethod
   def from_spec(cls, spec: str) -> "KernelBlocks":
@@ -168,7 +180,7 @@ class KernelBlocks:
       if not sep or name not in cls.__dataclass_fields__:
         raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
                          f"field ({', '.join(cls.__dataclass_fields__)})")
-      named = name in ("backward", "layout", "tile_lowering")
+      named = name in ("backward", "layout", "tile_lowering", "row_lowering")
       if not named and not value.isdigit():
         raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
       fields[name] = value if named else int(value)
@@ -178,6 +190,8 @@ class KernelBlocks:
     """The step's layout: `layout`, or for None the measured choice per model and driver."""
     if self.layout is not None:
       return self.layout
+    if self.row_lowering == "mosaic_gpu":
+      return "features"
     measured = model_kind == "linear" and driver == "chunk_loop" and not self.hidden_slice
     return "features" if measured else "tokens"
 
@@ -203,6 +217,13 @@ def kernel_chunk(chunk_size: int, driver: str) -> int:
   if driver != "chunk_loop":
     return chunk_size
   return max(MIN_GPU_CHUNK, 1 << (chunk_size - 1).bit_length())
+
+
+def row_chunk(chunk_size: int, driver: str, blocks: KernelBlocks) -> int:
+  """Tokens per chunk in the row kernel: kernel_chunk, padded as on the GPU driver whenever the
+  forward runs on Mosaic GPU (its wgmma tiles take 16, 32 or 64 tokens)."""
+  mosaic = blocks.row_lowering == "mosaic_gpu"
+  return kernel_chunk(chunk_size, "chunk_loop" if mosaic else driver)
 
 
 def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks) -> bool:
@@ -237,6 +258,13 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
   if tiled and blocks.tile_lowering == "mosaic_gpu":
     from tnt_jax.kernels import chunk_start_mgpu
     return chunk_start_mgpu.unsupported_reason(model, head_dim, dtype, compiled=not interpret)
+  if not tiled and blocks.row_lowering == "mosaic_gpu":
+    from tnt_jax.kernels import chunk_rows_mgpu
+    reason = chunk_rows_mgpu.unsupported_reason(
+        config, head_dim, dtype, row_chunk(config.chunk_size, driver, blocks),
+        compiled=not interpret)
+    if reason is not None:
+      return reason      # else the checks below: the backward runs the Pallas reverse kernel
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
   if width:
@@ -710,6 +738,8 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
   start states of chunks 0, s, 2s, ... ([R, ceil(N / s), out, in] per layer) for save_every=s,
   or [] for None."""
   cd = q.dtype
+  if static.blocks.row_lowering == "mosaic_gpu":
+    return _mosaic_rows_forward(static, q, k, v, coefs, state, save_every=save_every)
   sliced = _sliced_step(static, q.shape[-1], cd)
   if sliced is not None:
     def body(carry_refs, chunk):
@@ -729,6 +759,18 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
       snapshot_every=save_every, carry_in_refs=sliced is not None, sync=_sync(static),
       name=_kernel_name("fwd", static, sliced))
   return outs[0], final, saved
+
+
+def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None):
+  """`_rows_forward` on the Mosaic GPU row kernel (kernels/chunk_rows_mgpu.py; "features"
+  layout, so q, k, v are [R, N, d, C])."""
+  from tnt_jax.kernels import chunk_rows_mgpu
+  rows, num_chunks, _, chunk = q.shape
+  packed, read_x = chunk_rows_mgpu.pack_coefficients(
+      dict(zip(static.coef_fields, coefs)), rows, num_chunks, chunk)
+  return chunk_rows_mgpu.linear_rows_forward(
+      q, k, v, packed, read_x, list(state), l2=static.config.loss == "l2",
+      save_every=save_every, interpret=static.interpret)
 
 
 def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
@@ -935,7 +977,7 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                                     driver=driver, interpret=interpret, blocks=blocks)
   blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
-                   padded_chunk=kernel_chunk(config.chunk_size, driver), driver=driver,
+                   padded_chunk=row_chunk(config.chunk_size, driver, blocks), driver=driver,
                    interpret=interpret, blocks=blocks)
 
 

@@ -116,11 +116,12 @@ def _interpret_params(interpret):
   return InterpretGPUParams()
 
 
-def _smem(shape, dtype):
-  """A shared-memory buffer laid out for TMA and wgmma: 8-row tiles, swizzled rows."""
+def _smem(shape, dtype, swizzle=None):
+  """A shared-memory buffer laid out for TMA and wgmma: 8-row tiles, swizzled rows (by default
+  the widest swizzle the row takes; a wgmma's two shared-memory operands need the same one)."""
   plgpu = _plgpu()
   dtype = jnp.dtype(dtype)
-  swizzle = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+  swizzle = swizzle or plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
   if len(shape) == 1:
     return plgpu.SMEM(shape, dtype)
   return plgpu.SMEM(shape, dtype, transforms=(
