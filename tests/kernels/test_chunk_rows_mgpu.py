@@ -1,0 +1,139 @@
+"""The Mosaic GPU row kernel's forward (kernels/chunk_rows_mgpu.py) against the token reference.
+
+`MosaicRowsTest` compiles it on a Hopper GPU and is skipped elsewhere; `MosaicRowsInterpretTest`
+runs the same kernel body under the Mosaic GPU interpreter on the CPU. The kernel takes bf16
+operands (wgmma), so the check is bfloat16 against the float32 reference: outputs, final states
+and every gradient (the backward re-runs this forward per checkpoint group), plus bfloat16
+against the Pallas row kernel, which rounds the same operands.
+"""
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+
+from tests.helpers import assert_trees_rel_close
+from tests.kernels.test_chunk_memory import KernelTestCase, _inputs, _seed
+from tnt_jax.kernels import chunk_memory, chunk_rows_mgpu
+from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory
+from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
+from tnt_jax.ops.api import memory_op
+
+MOSAIC = KernelBlocks(row_lowering="mosaic_gpu")
+LINEAR = MemoryModel("linear")
+
+
+def _config(rule="titans", read="cumulative", loss="l2", chunk=16, model=LINEAR):
+  return MemoryConfig(model, UpdateRule(rule), loss, read, chunk)
+
+
+class MosaicRowsTest(KernelTestCase):
+  """Compiled on a Hopper GPU (skipped elsewhere); the subclass interprets the same body."""
+
+  DTYPES = ("bfloat16",)
+  DRIVERS = ("chunk_loop",)       # the reverse kernel's driver (the forward is Mosaic GPU's)
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET:
+      reason = chunk_rows_mgpu.unsupported_reason(_config(), 64, jnp.bfloat16, 16,
+                                                  compiled=True)
+      if reason is not None:
+        self.skipTest(reason)
+
+  def _check(self, config, seed, blocks=MOSAIC, head_dim=64, length=40):
+    super()._check(config, head_dim, "bfloat16", seed, blocks, length)
+
+  def _before_check(self, config, head_dim, dtype, blocks):
+    self.assertIsNone(chunk_memory.unsupported_reason(
+        config, head_dim, getattr(jnp, dtype), driver="chunk_loop",
+        interpret=bool(self.INTERPRET), blocks=blocks))
+
+  @parameterized.product(rule=("gd", "titans"), read=("cumulative", "chunk_start"))
+  def test_matches_reference(self, rule, read):
+    # 40 tokens: two chunks of 16 and a partial one.
+    self._check(_config(rule, read), _seed("mrows", rule, read))
+
+  @parameterized.parameters((8, "dot", 45), (32, "l2", 70), (64, "l2", 130))
+  def test_chunk_sizes_and_the_dot_loss(self, chunk, loss, length):
+    # 8 is padded to 16 with identity tokens; 32 and 64 take wider swizzles.
+    self._check(_config(loss=loss, chunk=chunk), _seed("mrows-chunk", chunk, loss),
+                length=length)
+
+  def test_backward_from_states_saved_every_few_chunks(self):
+    # 8 chunks in groups of 3: the backward re-runs the kernel from saved states.
+    self._check(_config(), _seed("mrows-save"), KernelBlocks(row_lowering="mosaic_gpu",
+                                                             save_every=3), length=7 * 16 + 5)
+
+  def test_xla_backward(self):
+    self._check(_config("gd"), _seed("mrows-xla"),
+                KernelBlocks(row_lowering="mosaic_gpu", backward="xla"))
+
+  def test_head_dim_128(self):
+    self._check(_config("gd"), _seed("mrows128"), head_dim=128)
+
+  def test_agrees_with_the_pallas_row_kernel(self):
+    """The same operand roundings: they differ by accumulation order only."""
+    config = _config()
+    args = _inputs(config, 64, jnp.bfloat16, 31, 70)
+    run = lambda blocks: kernel_memory(*args, config, driver="chunk_loop",
+                                       interpret=self.INTERPRET, blocks=blocks)
+    assert_trees_rel_close(self, run(MOSAIC), run(KernelBlocks(layout="features")), 1e-2,
+                           "mosaic vs pallas rows")
+
+  def test_memory_op_routes_to_the_mosaic_kernel(self):
+    config = _config()
+    q, k, v, g, s = _inputs(config, 64, jnp.bfloat16, 5)
+    calls = []
+    real = chunk_rows_mgpu.linear_rows_forward
+
+    def spy(*args, **kwargs):
+      calls.append(args[0].shape)
+      return real(*args, **kwargs)
+
+    self.enter_context(absltest.mock.patch.object(chunk_rows_mgpu, "linear_rows_forward", spy))
+    memory_op(q, k, v, g, s, {}, config, kernel_blocks=MOSAIC,
+              implementation="pallas_interpret" if self.INTERPRET else "pallas")
+    self.assertEqual(calls, [(2, 3, 64, 16)])    # 2 rows, 3 chunks, [d, C] features
+
+
+class MosaicRowsInterpretTest(MosaicRowsTest):
+  INTERPRET = True
+
+
+class MosaicRowsRulesTest(parameterized.TestCase):
+  """Which ops the Mosaic GPU row kernel takes (no kernel runs)."""
+
+  def _reason(self, config, head_dim=64, dtype=jnp.bfloat16, interpret=True):
+    return chunk_memory.unsupported_reason(config, head_dim, dtype, driver="chunk_loop",
+                                           interpret=interpret, blocks=MOSAIC)
+
+  def test_supported(self):
+    self.assertIsNone(self._reason(_config()))
+    self.assertIsNone(self._reason(_config("gd", "chunk_start", "dot", chunk=4)))
+    self.assertIsNone(self._reason(_config("gd"), head_dim=128))
+
+  def test_refusals_name_the_value(self):
+    mlp = MemoryModel("mlp", depth=2, expansion=1.0)
+    self.assertIn("kind='mlp'", self._reason(_config(model=mlp)))
+    self.assertIn("dtype=float32", self._reason(_config(), dtype=jnp.float32))
+    self.assertIn("head_dim=32", self._reason(_config(), head_dim=32))
+    self.assertIn("chunk=128", self._reason(_config(chunk=100)))
+    # Titans at d 128: W and S in float32 and bf16 are 192 KiB of shared memory.
+    self.assertIn("shared memory", self._reason(_config(), head_dim=128))
+    if jax.default_backend() != "gpu":
+      self.assertIn("Mosaic GPU kernels run on NVIDIA Hopper GPUs",
+                    self._reason(_config(), interpret=False))
+
+  def test_blocks(self):
+    self.assertEqual(KernelBlocks.from_spec("row_lowering=mosaic_gpu+save_every=2"),
+                     KernelBlocks(row_lowering="mosaic_gpu", save_every=2))
+    self.assertEqual(MOSAIC.resolved_layout("linear", "sequential_grid"), "features")
+    self.assertEqual(chunk_memory.row_chunk(8, "sequential_grid", MOSAIC), 16)
+    with self.assertRaisesRegex(ValueError, "row_lowering='mosaic_gpu' runs the \"features\""):
+      KernelBlocks(row_lowering="mosaic_gpu", layout="tokens")
+    with self.assertRaisesRegex(ValueError, "KernelBlocks.row_lowering='triton' is unknown"):
+      KernelBlocks(row_lowering="triton")
+
+
+if __name__ == "__main__":
+  absltest.main()
