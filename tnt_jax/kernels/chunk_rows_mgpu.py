@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from tnt_jax.kernels.chunk_start_mgpu import (DTYPES, HEAD_DIMS, SMEM_BYTES, _interpret_params,
-                                              _mm, _plgpu, _smem, _store)
+                                              _plgpu, _smem, _store)
 
 CHUNKS = (16, 32, 64)      # tokens per chunk (after chunk_memory.kernel_chunk's padding): N of
                            # most wgmmas, K of the update's; 64 rows hold the padded scores
@@ -82,6 +82,20 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
     if not any(name in kind for name in ("H100", "H200", "H800")):
       return f"device_kind={kind!r}: the Mosaic GPU row kernel uses Hopper's wgmma"
   return None
+
+
+def _mms(products):
+  """[a @ b for (a, b, shape) in products]: the wgmmas issued back to back into zeroed float32
+  accumulators, then one wait."""
+  plgpu = _plgpu()
+
+  def run(*accs):
+    for acc, (a, b, _) in zip(accs, products):
+      plgpu.wgmma(acc, a, b)
+    plgpu.wgmma_wait(0)
+    return [acc[...] for acc in accs]
+
+  return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for _, _, shape in products])
 
 
 def pack_coefficients(coefs: dict, rows: int, num_chunks: int, chunk: int):
@@ -170,36 +184,43 @@ def linear_rows_forward(qt, kt, vt, packed, read_x, state, *, l2: bool, save_eve
           for i in range(n_states):
             plgpu.copy_smem_to_gmem(state32.at[i], saved_g[i].at[r, n // save_every])
 
-      w_cd = state_cd.at[0]
-      y = _mm(w_cd, kt_s.at[slot], (d, chunk))
+      # The products of the chunk-start state and the inputs, issued back to back.
+      qt_c = qt_s.at[slot]
+      products = [(state_cd.at[0], kt_s.at[slot], (d, chunk)), (state_cd.at[0], qt_c, (d, chunk))]
+      if cumulative:
+        products.append((keys_s.at[slot], qt_c, (SCORE_ROWS, chunk)))
+        if momentum:
+          products.append((state_cd.at[1], qt_c, (d, chunk)))
+      y, read, *rest = _mms(products)
       v = vt_s[slot].astype(jnp.float32)
       e = 2.0 * (y - v) if l2 else -v
-      read = _mm(w_cd, qt_s.at[slot], (d, chunk))
       if cumulative:
         out = row_of(slot, ROW_READ_W0) * read
         if momentum:
-          out = out + row_of(slot, ROW_READ_S0) * _mm(state_cd.at[1], qt_s.at[slot], (d, chunk))
-        scores = _mm(keys_s.at[slot], qt_s.at[slot], (SCORE_ROWS, chunk))
-        p_s[...] = (rx_s[slot] * scores).astype(cd)
+          out = out + row_of(slot, ROW_READ_S0) * rest[1]
+        p_s[...] = (rx_s[slot] * rest[0]).astype(cd)
         e_s[...] = e.astype(cd)
-        plgpu.commit_smem()
-        out = out + _mm(e_s, p_s.at[:chunk], (d, chunk))
       else:
         out = read
-      _store(out, o_s, out_g.at[r, n])
-
-      # Update: the chunk's outer products on the token-major keys (K = C).
+      # The update's outer products on the token-major keys (K = C), with the read's mix.
       upd_s[0] = (row_of(slot, ROW_END_X) * e).astype(cd)
       if momentum:
         upd_s[1] = (row_of(slot, ROW_END_SX) * e).astype(cd)
       plgpu.commit_smem()
       key_rows = keys_s.at[slot].at[:chunk]
-      new_w = scalar_of(slot, ROW_END_W0) * state32[0] + _mm(upd_s.at[0], key_rows, (d, d))
+      products = [(upd_s.at[i], key_rows, (d, d)) for i in range(n_states)]
+      if cumulative:
+        products.append((e_s, p_s.at[:chunk], (d, chunk)))
+      sums = _mms(products)
+      if cumulative:
+        out = out + sums[-1]
+      # Its wait for earlier copies from shared memory covers this chunk's saved state too.
+      _store(out, o_s, out_g.at[r, n])
+      new_w = scalar_of(slot, ROW_END_W0) * state32[0] + sums[0]
       if momentum:
         s_old = state32[1]
         new_w = new_w + scalar_of(slot, ROW_END_S0) * s_old
-        new_s = scalar_of(slot, ROW_END_SS0) * s_old + _mm(upd_s.at[1], key_rows, (d, d))
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # a saved state's copy has read it
+        new_s = scalar_of(slot, ROW_END_SS0) * s_old + sums[1]
       state32[0] = new_w
       state_cd[0] = new_w.astype(cd)
       if momentum:
