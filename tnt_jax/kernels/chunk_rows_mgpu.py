@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from tnt_jax.kernels.chunk_start_mgpu import (DTYPES, HEAD_DIMS, SMEM_BYTES, _interpret_params,
-                                              _plgpu, _smem, _store)
+                                              _plgpu, _smem, _store, hopper_reason)
 
 CHUNKS = (16, 32, 64)      # tokens per chunk (after chunk_memory.kernel_chunk's padding): N of
                            # most wgmmas, K of the update's; 64 rows hold the padded scores
@@ -74,14 +74,7 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
             f"chunks of {CHUNKS} tokens")
   if (need := smem_bytes(head_dim, chunk, config.rule.has_momentum)) > SMEM_BYTES:
     return (f"shared memory {need} bytes at head_dim={head_dim}, chunk={chunk} > {SMEM_BYTES}")
-  if compiled:
-    if jax.default_backend() != "gpu":
-      return (f"platform={jax.default_backend()!r}: Mosaic GPU kernels run on NVIDIA Hopper "
-              "GPUs (or interpreted)")
-    kind = jax.devices()[0].device_kind
-    if not any(name in kind for name in ("H100", "H200", "H800")):
-      return f"device_kind={kind!r}: the Mosaic GPU row kernel uses Hopper's wgmma"
-  return None
+  return hopper_reason("row kernel") if compiled else None
 
 
 def _mms(products):

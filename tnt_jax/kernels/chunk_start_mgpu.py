@@ -94,13 +94,17 @@ def unsupported_reason(model, head_dim: int, dtype, *, compiled: bool) -> str | 
   if (need := map_pass_smem_bytes(head_dim, hidden)) > SMEM_BYTES:
     return (f"pass 1 keeps W0 in shared memory: {need} bytes at head_dim={head_dim}, hidden "
             f"{hidden} > {SMEM_BYTES} (expansion={model.expansion})")
-  if compiled:
-    if jax.default_backend() != "gpu":
-      return (f"platform={jax.default_backend()!r}: Mosaic GPU kernels run on NVIDIA Hopper "
-              "GPUs (or interpreted)")
-    kind = jax.devices()[0].device_kind
-    if not any(name in kind for name in ("H100", "H200", "H800")):
-      return f"device_kind={kind!r}: the Mosaic GPU tile kernels use Hopper's wgmma"
+  return hopper_reason("tile kernels") if compiled else None
+
+
+def hopper_reason(kernels: str) -> str | None:
+  """Why this platform cannot compile Mosaic GPU wgmma kernels (None on a Hopper GPU)."""
+  if jax.default_backend() != "gpu":
+    return (f"platform={jax.default_backend()!r}: Mosaic GPU kernels run on NVIDIA Hopper "
+            "GPUs (or interpreted)")
+  kind = jax.devices()[0].device_kind
+  if not any(name in kind for name in ("H100", "H200", "H800")):
+    return f"device_kind={kind!r}: the Mosaic GPU {kernels} need a Hopper GPU (wgmma)"
   return None
 
 
