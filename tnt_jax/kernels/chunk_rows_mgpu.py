@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tnt_jax.kernels.chunk_start_mgpu import (DTYPES, HEAD_DIMS, SMEM_BYTES, _interpret_params,
-                                              _plgpu, _smem, _store, hopper_reason)
+from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _plgpu, _smem,
+                                              _store, hopper_reason, operand_reason)
 
 CHUNKS = (16, 32, 64)      # tokens per chunk (after chunk_memory.kernel_chunk's padding): N of
                            # most wgmmas, K of the update's; 64 rows hold the padded scores
@@ -64,11 +64,8 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
   if model.kind != "linear":
     return (f"memory model kind={model.kind!r} (the Mosaic GPU row kernel does linear memories; "
             "mlp and swiglu run on the Pallas row kernel)")
-  if jnp.dtype(dtype) not in DTYPES:
-    return (f"dtype={jnp.dtype(dtype).name} (the Mosaic GPU row kernel takes bfloat16: wgmma "
-            "would round float32 to tf32)")
-  if head_dim not in HEAD_DIMS:
-    return f"head_dim={head_dim} (the Mosaic GPU row kernel takes head_dim in {HEAD_DIMS})"
+  if (reason := operand_reason("row kernel", head_dim, dtype)) is not None:
+    return reason
   if chunk not in CHUNKS:
     return (f"chunk={chunk} (padded from {config.chunk_size}): the Mosaic GPU row kernel takes "
             f"chunks of {CHUNKS} tokens")

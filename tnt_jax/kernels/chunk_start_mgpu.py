@@ -82,11 +82,8 @@ def unsupported_reason(model, head_dim: int, dtype, *, compiled: bool) -> str | 
   if model.kind not in ("linear", "mlp") or (model.kind == "mlp" and model.depth != 2):
     return (f"memory model kind={model.kind!r} depth={getattr(model, 'depth', 1)} (the Mosaic "
             "GPU tile kernels do linear and 2-layer mlp memories)")
-  if jnp.dtype(dtype) not in DTYPES:
-    return (f"dtype={jnp.dtype(dtype).name} (the Mosaic GPU tile kernels take bfloat16: "
-            "wgmma would round float32 to tf32)")
-  if head_dim not in HEAD_DIMS:
-    return f"head_dim={head_dim} (the Mosaic GPU tile kernels take head_dim in {HEAD_DIMS})"
+  if (reason := operand_reason("tile kernels", head_dim, dtype)) is not None:
+    return reason
   hidden = model.hidden_dim(head_dim) if model.kind == "mlp" else 0
   if hidden and (hidden % 64 or hidden % min(hidden, HIDDEN_CHUNK)):
     return (f"mlp hidden width {hidden} must be a multiple of 64, and of {HIDDEN_CHUNK} above "
@@ -95,6 +92,16 @@ def unsupported_reason(model, head_dim: int, dtype, *, compiled: bool) -> str | 
     return (f"pass 1 keeps W0 in shared memory: {need} bytes at head_dim={head_dim}, hidden "
             f"{hidden} > {SMEM_BYTES} (expansion={model.expansion})")
   return hopper_reason("tile kernels") if compiled else None
+
+
+def operand_reason(kernels: str, head_dim: int, dtype) -> str | None:
+  """Why Mosaic GPU wgmma kernels cannot take these operands (None when they can)."""
+  if jnp.dtype(dtype) not in DTYPES:
+    return (f"dtype={jnp.dtype(dtype).name} (Mosaic GPU {kernels}: bfloat16 only, as wgmma "
+            "would round float32 to tf32)")
+  if head_dim not in HEAD_DIMS:
+    return f"head_dim={head_dim} (Mosaic GPU {kernels}: head_dim in {HEAD_DIMS})"
+  return None
 
 
 def hopper_reason(kernels: str) -> str | None:
