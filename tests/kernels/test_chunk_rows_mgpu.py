@@ -1,10 +1,12 @@
-"""The Mosaic GPU row kernel's forward (kernels/chunk_rows_mgpu.py) against the token reference.
+"""The Mosaic GPU row kernels (kernels/chunk_rows_mgpu.py forward, chunk_rows_mgpu_reverse.py
+reverse walk) against the token reference.
 
-`MosaicRowsTest` compiles it on a Hopper GPU and is skipped elsewhere; `MosaicRowsInterpretTest`
-runs the same kernel body under the Mosaic GPU interpreter on the CPU. The kernel takes bf16
+`MosaicRowsTest` compiles them on a Hopper GPU and is skipped elsewhere; `MosaicRowsInterpretTest`
+runs the same kernel bodies under the Mosaic GPU interpreter on the CPU. The kernels take bf16
 operands (wgmma), so the check is bfloat16 against the float32 reference: outputs, final states
-and every gradient (the backward re-runs this forward per checkpoint group), plus bfloat16
-against the Pallas row kernel, which rounds the same operands.
+and every gradient (the backward re-runs the forward per checkpoint group and walks the group
+with the reverse kernel where it fits, else with the Pallas one), plus bfloat16 against the
+Pallas row kernel, which rounds the same operands.
 """
 
 from absl.testing import absltest, parameterized
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 
 from tests.helpers import assert_trees_rel_close
 from tests.kernels.test_chunk_memory import KernelTestCase, _inputs, _seed
-from tnt_jax.kernels import chunk_memory, chunk_rows_mgpu
+from tnt_jax.kernels import chunk_memory, chunk_rows_mgpu, chunk_rows_mgpu_reverse
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
@@ -55,9 +57,20 @@ class MosaicRowsTest(KernelTestCase):
 
   @parameterized.parameters((8, "dot", 45), (32, "l2", 70), (64, "l2", 130))
   def test_chunk_sizes_and_the_dot_loss(self, chunk, loss, length):
-    # 8 is padded to 16 with identity tokens; 32 and 64 take wider swizzles.
+    # 8 is padded to 16 with identity tokens; 32 and 64 take wider swizzles. Titans' reverse
+    # walk fits in shared memory at 16 only: the larger chunks test the Pallas reverse.
     self._check(_config(loss=loss, chunk=chunk), _seed("mrows-chunk", chunk, loss),
                 length=length)
+
+  @parameterized.parameters(("cumulative", "l2", 16), ("chunk_start", "dot", 16),
+                            ("cumulative", "l2", 32), ("cumulative", "dot", 8))
+  def test_reverse_walk_for_gd(self, read, loss, chunk):
+    # The gd rule's reverse walk runs at chunks of 16 and 32 (and 8, padded to 16).
+    config = _config("gd", read, loss, chunk)
+    self.assertIsNone(chunk_rows_mgpu_reverse.unsupported_reason(
+        config, 64, jnp.bfloat16, chunk_memory.row_chunk(chunk, "chunk_loop", MOSAIC),
+        compiled=not self.INTERPRET))
+    self._check(config, _seed("mrows-gd", read, loss, chunk), length=3 * chunk + 5)
 
   def test_backward_from_states_saved_every_few_chunks(self):
     # 8 chunks in groups of 3: the backward re-runs the kernel from saved states.
@@ -96,6 +109,25 @@ class MosaicRowsTest(KernelTestCase):
     self.assertEqual(calls, [(2, 3, 64, 16)])    # 2 rows, 3 chunks, [d, C] features
 
 
+  def test_backward_runs_the_mosaic_reverse_walk(self):
+    config = _config()
+    q, k, v, g, s = _inputs(config, 64, jnp.bfloat16, 7, 40)
+    calls = []
+    real = chunk_rows_mgpu_reverse.linear_rows_reverse
+
+    def spy(*args, **kwargs):
+      calls.append((args[0].shape, len(args[5])))
+      return real(*args, **kwargs)
+
+    self.enter_context(absltest.mock.patch.object(chunk_rows_mgpu_reverse,
+                                                  "linear_rows_reverse", spy))
+    every_chunk = KernelBlocks(row_lowering="mosaic_gpu", save_every=1)
+    loss = lambda q: jnp.sum(kernel_memory(q, k, v, g, s, config, driver="chunk_loop",
+                                           interpret=self.INTERPRET, blocks=every_chunk)[0])
+    jax.grad(loss)(q)
+    self.assertEqual(calls, [((2, 3, 64, 16), 2)])    # rows, chunks, [d, C]; W and S saved
+
+
 class MosaicRowsInterpretTest(MosaicRowsTest):
   INTERPRET = True
 
@@ -123,6 +155,18 @@ class MosaicRowsRulesTest(parameterized.TestCase):
     if jax.default_backend() != "gpu":
       self.assertIn("Mosaic GPU kernels run on NVIDIA Hopper GPUs",
                     self._reason(_config(), interpret=False))
+
+  def test_reverse_walk_refusals_name_the_value(self):
+    reason = lambda config, head_dim=64, chunk=16: chunk_rows_mgpu_reverse.unsupported_reason(
+        config, head_dim, jnp.bfloat16, chunk, compiled=False)
+    self.assertIsNone(reason(_config()))
+    self.assertIsNone(reason(_config("gd", chunk=32), chunk=32))
+    # Titans' state and cotangent (float32 + bf16, W and S) leave no room at 32 or d 128.
+    self.assertIn("chunk=32", reason(_config(chunk=32), chunk=32))
+    self.assertIn("shared memory", reason(_config(chunk=32), chunk=32))
+    self.assertIn("head_dim=128", reason(_config("gd"), head_dim=128))
+    self.assertIn("kind='mlp'", reason(_config(model=MemoryModel("mlp", depth=2))))
+    self.assertIn("chunk=8", reason(_config(chunk=8), chunk=8))
 
   def test_blocks(self):
     self.assertEqual(KernelBlocks.from_spec("row_lowering=mosaic_gpu+save_every=2"),

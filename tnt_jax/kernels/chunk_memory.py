@@ -773,9 +773,36 @@ def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: 
       save_every=save_every, interpret=static.interpret)
 
 
+def _mosaic_reverse_reason(static: _Static, q) -> str | None:
+  """Why the Mosaic GPU reverse walk cannot run this backward (None when it can): it runs
+  whenever the forward is Mosaic GPU's and it fits; else the Pallas reverse kernel does."""
+  if static.blocks.row_lowering != "mosaic_gpu":
+    return "row_lowering is not mosaic_gpu"
+  from tnt_jax.kernels import chunk_rows_mgpu_reverse
+  return chunk_rows_mgpu_reverse.unsupported_reason(
+      static.config, q.shape[2], q.dtype, q.shape[3], compiled=static.interpret is False)
+
+
+def _mosaic_rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
+  """`_rows_backward` on the Mosaic GPU reverse walk (kernels/chunk_rows_mgpu_reverse.py)."""
+  from tnt_jax.kernels import chunk_rows_mgpu, chunk_rows_mgpu_reverse
+  rows, num_chunks, _, chunk = q.shape
+  given = dict(zip(static.coef_fields, coefs))
+  packed, read_x = chunk_rows_mgpu.pack_coefficients(given, rows, num_chunks, chunk)
+  dq, dk, dv, d_packed, d_read_x, d_init = chunk_rows_mgpu_reverse.linear_rows_reverse(
+      q, k, v, packed, read_x, list(saved_states), d_out, list(d_final),
+      l2=static.config.loss == "l2", interpret=static.interpret)
+  d_coefs = chunk_rows_mgpu_reverse.unpack_coefficient_grads(d_packed, static.coef_fields, given)
+  d_coefs = [d_read_x.astype(given[name].dtype) if name == "read_x" else grad
+             for name, grad in zip(static.coef_fields, d_coefs)]
+  return dq, dk, dv, d_coefs, d_init
+
+
 def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
   """Fused backward: walk the chunks in reverse, the vjp of one chunk step at its saved
   chunk-start state, carrying the state's cotangent on chip."""
+  if _mosaic_reverse_reason(static, q) is None:
+    return _mosaic_rows_backward(static, q, k, v, coefs, saved_states, d_out, d_final)
   cd = q.dtype
   num_coefs = len(coefs)
   sliced = _sliced_step(static, q.shape[-1], cd)

@@ -74,18 +74,19 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
   return hopper_reason("row kernel") if compiled else None
 
 
-def _mms(products):
-  """[a @ b for (a, b, shape) in products]: the wgmmas issued back to back into zeroed float32
-  accumulators, then one wait."""
+def mms(products):
+  """[sum(a @ b for a, b in pairs) for (pairs, shape) in products]: every wgmma issued back to
+  back, each sum into its own zeroed float32 accumulator, then one wait."""
   plgpu = _plgpu()
 
   def run(*accs):
-    for acc, (a, b, _) in zip(accs, products):
-      plgpu.wgmma(acc, a, b)
+    for acc, (pairs, _) in zip(accs, products):
+      for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
     plgpu.wgmma_wait(0)
     return [acc[...] for acc in accs]
 
-  return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for _, _, shape in products])
+  return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32) for _, shape in products])
 
 
 def pack_coefficients(coefs: dict, rows: int, num_chunks: int, chunk: int):
@@ -176,12 +177,13 @@ def linear_rows_forward(qt, kt, vt, packed, read_x, state, *, l2: bool, save_eve
 
       # The products of the chunk-start state and the inputs, issued back to back.
       qt_c = qt_s.at[slot]
-      products = [(state_cd.at[0], kt_s.at[slot], (d, chunk)), (state_cd.at[0], qt_c, (d, chunk))]
+      products = [([(state_cd.at[0], kt_s.at[slot])], (d, chunk)),
+                  ([(state_cd.at[0], qt_c)], (d, chunk))]
       if cumulative:
-        products.append((keys_s.at[slot], qt_c, (SCORE_ROWS, chunk)))
+        products.append(([(keys_s.at[slot], qt_c)], (SCORE_ROWS, chunk)))
         if momentum:
-          products.append((state_cd.at[1], qt_c, (d, chunk)))
-      y, read, *rest = _mms(products)
+          products.append(([(state_cd.at[1], qt_c)], (d, chunk)))
+      y, read, *rest = mms(products)
       v = vt_s[slot].astype(jnp.float32)
       e = 2.0 * (y - v) if l2 else -v
       if cumulative:
@@ -198,10 +200,10 @@ def linear_rows_forward(qt, kt, vt, packed, read_x, state, *, l2: bool, save_eve
         upd_s[1] = (row_of(slot, ROW_END_SX) * e).astype(cd)
       plgpu.commit_smem()
       key_rows = keys_s.at[slot].at[:chunk]
-      products = [(upd_s.at[i], key_rows, (d, d)) for i in range(n_states)]
+      products = [([(upd_s.at[i], key_rows)], (d, d)) for i in range(n_states)]
       if cumulative:
-        products.append((e_s, p_s.at[:chunk], (d, chunk)))
-      sums = _mms(products)
+        products.append(([(e_s, p_s.at[:chunk])], (d, chunk)))
+      sums = mms(products)
       if cumulative:
         out = out + sums[-1]
       # Its wait for earlier copies from shared memory covers this chunk's saved state too.
