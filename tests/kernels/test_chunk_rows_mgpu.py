@@ -77,6 +77,10 @@ class MosaicRowsTest(KernelTestCase):
     self._check(_config(), _seed("mrows-save"), KernelBlocks(row_lowering="mosaic_gpu",
                                                              save_every=3), length=7 * 16 + 5)
 
+  def test_pallas_reverse_after_the_mosaic_forward(self):
+    self._check(_config(), _seed("mrows-pallas-reverse"),
+                KernelBlocks(row_lowering="mosaic_gpu", reverse_lowering="pallas"))
+
   def test_xla_backward(self):
     self._check(_config("gd"), _seed("mrows-xla"),
                 KernelBlocks(row_lowering="mosaic_gpu", backward="xla"))
@@ -177,6 +181,12 @@ class MosaicRowsRulesTest(parameterized.TestCase):
       KernelBlocks(row_lowering="mosaic_gpu", layout="tokens")
     with self.assertRaisesRegex(ValueError, "KernelBlocks.row_lowering='triton' is unknown"):
       KernelBlocks(row_lowering="triton")
+    self.assertEqual(KernelBlocks.from_spec("row_lowering=mosaic_gpu+reverse_lowering=pallas"),
+                     KernelBlocks(row_lowering="mosaic_gpu", reverse_lowering="pallas"))
+    with self.assertRaisesRegex(ValueError, "reverse_lowering='mosaic_gpu' walks the states"):
+      KernelBlocks(reverse_lowering="mosaic_gpu")
+    with self.assertRaisesRegex(ValueError, "reverse_lowering='cuda' is unknown"):
+      KernelBlocks(reverse_lowering="cuda")
 
 
 if __name__ == "__main__":

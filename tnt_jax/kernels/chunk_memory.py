@@ -115,8 +115,12 @@ class KernelBlocks:
   row_lowering: which kernel runs the row forward. "pallas": the chunk loop above (Triton on the
     GPU, Mosaic TPU, or interpreted). "mosaic_gpu": kernels/chunk_rows_mgpu.py, Hopper wgmma
     through Pallas' Mosaic GPU lowering (bf16 linear memories in the "features" layout, chunks
-    padded to 16, 32 or 64; interpreted elsewhere when interpret is set). The backward is the
-    same as the default's (`backward`).
+    padded to 16, 32 or 64; interpreted elsewhere when interpret is set). Its fused backward
+    walks the chunks on kernels/chunk_rows_mgpu_reverse.py where that fits in shared memory (gd
+    at chunks of 16 and 32, Titans at 16, d = 64), else on the Pallas reverse kernel.
+  reverse_lowering: the fused backward's reverse walk: "" follows row_lowering, "pallas" forces
+    the Pallas reverse kernel after a Mosaic GPU forward (to compare the two), "mosaic_gpu"
+    needs row_lowering="mosaic_gpu" (its saved states and layout).
   """
   num_warps: int | None = None
   num_stages: int = 1
@@ -130,6 +134,7 @@ class KernelBlocks:
   tile: int = 0
   tile_lowering: str = "pallas"
   row_lowering: str = "pallas"
+  reverse_lowering: str = ""
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
@@ -139,6 +144,12 @@ class KernelBlocks:
       if getattr(self, name) not in LOWERINGS:
         raise ValueError(f"KernelBlocks.{name}={getattr(self, name)!r} is unknown; expected one "
                          f"of {LOWERINGS}")
+    if self.reverse_lowering not in ("",) + LOWERINGS:
+      raise ValueError(f"KernelBlocks.reverse_lowering={self.reverse_lowering!r} is unknown; "
+                       f"expected '' (row_lowering's) or one of {LOWERINGS}")
+    if self.reverse_lowering == "mosaic_gpu" and self.row_lowering != "mosaic_gpu":
+      raise ValueError("KernelBlocks.reverse_lowering='mosaic_gpu' walks the states the Mosaic "
+                       f"GPU forward saves; got row_lowering={self.row_lowering!r}")
     if self.layout is not None and self.layout not in LAYOUTS:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
@@ -169,9 +180,8 @@ class KernelBlocks:
 
   @classmethod
   def from_spec(cls, spec: str) -> "KernelBlocks":
-    """'default' or 'field=value+field=value' (integer fields; backward, layout and
-    tile_lowering take a name),
-    as the benchmark's --kernel_blocks flag writes them."""
+    """'default' or 'field=value+field=value' (integer fields; backward, layout and the
+    lowerings take a name), as the benchmark's --kernel_blocks flag writes them."""
     if spec == "default":
       return cls()
     fields = {}
@@ -180,7 +190,8 @@ class KernelBlocks:
       if not sep or name not in cls.__dataclass_fields__:
         raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
                          f"field ({', '.join(cls.__dataclass_fields__)})")
-      named = name in ("backward", "layout", "tile_lowering", "row_lowering")
+      named = name in ("backward", "layout", "tile_lowering", "row_lowering",
+                       "reverse_lowering")
       if not named and not value.isdigit():
         raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
       fields[name] = value if named else int(value)
@@ -776,8 +787,9 @@ def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: 
 def _mosaic_reverse_reason(static: _Static, q) -> str | None:
   """Why the Mosaic GPU reverse walk cannot run this backward (None when it can): it runs
   whenever the forward is Mosaic GPU's and it fits; else the Pallas reverse kernel does."""
-  if static.blocks.row_lowering != "mosaic_gpu":
-    return "row_lowering is not mosaic_gpu"
+  blocks = static.blocks
+  if (blocks.reverse_lowering or blocks.row_lowering) != "mosaic_gpu":
+    return f"row_lowering={blocks.row_lowering!r}, reverse_lowering={blocks.reverse_lowering!r}"
   from tnt_jax.kernels import chunk_rows_mgpu_reverse
   return chunk_rows_mgpu_reverse.unsupported_reason(
       static.config, q.shape[2], q.dtype, q.shape[3], compiled=static.interpret is False)
