@@ -801,13 +801,12 @@ def _mosaic_rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, 
   rows, num_chunks, _, chunk = q.shape
   given = dict(zip(static.coef_fields, coefs))
   packed, read_x = chunk_rows_mgpu.pack_coefficients(given, rows, num_chunks, chunk)
-  dq, dk, dv, d_packed, d_read_x, d_init = chunk_rows_mgpu_reverse.linear_rows_reverse(
+  dq, dk, dv, products, d_read_x, d_ends, d_init = chunk_rows_mgpu_reverse.linear_rows_reverse(
       q, k, v, packed, read_x, list(saved_states), d_out, list(d_final),
       l2=static.config.loss == "l2", interpret=static.interpret)
-  d_coefs = chunk_rows_mgpu_reverse.unpack_coefficient_grads(d_packed, static.coef_fields, given)
-  d_coefs = [d_read_x.astype(given[name].dtype) if name == "read_x" else grad
-             for name, grad in zip(static.coef_fields, d_coefs)]
-  return dq, dk, dv, d_coefs, d_init
+  d_coefs = chunk_rows_mgpu_reverse.coefficient_grads(products, d_ends, list(saved_states),
+                                                       d_read_x, given)
+  return dq, dk, dv, [d_coefs[name] for name in static.coef_fields], d_init
 
 
 def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):

@@ -29,8 +29,12 @@ difference between the compiled and the interpreted kernel). Per chunk the input
 both layouts, coefficients, score weights) arrive by TMA one chunk ahead (two slots); the saved
 state has one buffer, refilled for the next chunk as soon as this chunk has rounded it.
 
-The per-token coefficient gradients are reductions over d (axis 0); the chunk-end scalars' are
-full reductions, stored in column 0 of their packed row (the other columns are zero).
+The coefficient gradients are reductions (over d for the per-token ones, over d x d for the
+chunk-end scalars'). They leave the kernel: it writes the elementwise products (dU * E, dUs * E,
+dO * (W0 Q), dO * (S0 Q), [d, C] float32 each) and the cotangent dW1 (dS1) it carries into each
+chunk, and `coefficient_grads` sums them in XLA (against the saved W0, S0). A reduction inside
+the kernel crosses the warpgroup's four warps through shared memory with a barrier: the first
+version did seven a chunk on the serial path (notes v13).
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_
 from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _plgpu, _smem,
                                               hopper_reason, operand_reason)
 
-SCALAR_ROWS = (ROW_END_W0, ROW_END_S0, ROW_END_SS0)
 
 
 def smem_bytes(head_dim: int, chunk: int, momentum: bool) -> int:
@@ -59,7 +62,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool) -> int:
   slots = 2 * (features + tokens + coefs)
   state = 2 * states * d * d * (4 + 2)                      # W0 (S0) and dW (dS)
   staging = (6 * d * chunk + 2 * SCORE_ROWS * chunk) * 2 + 3 * d * chunk * 2
-  staging += COEF_ROWS * chunk * 4 + SCORE_ROWS * chunk * 4
+  staging += 4 * d * chunk * 4 + SCORE_ROWS * chunk * 4     # the products, dX^T
   return slots + state + staging
 
 
@@ -77,28 +80,31 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
   return hopper_reason("reverse row kernel") if compiled else None
 
 
-def _total(x_DxD):
-  """The sum of a [d, d] array loaded from a tiled buffer: by columns, then the row (Mosaic GPU's
-  layout inference has no one-step reduction of that layout to a scalar)."""
-  return jnp.sum(jnp.sum(x_DxD, axis=0))
+def product_fields(momentum: bool, cumulative: bool) -> tuple:
+  """The coefficient fields whose per-token gradient is a sum over d of a product the kernel
+  writes, in the order it writes them."""
+  fields = ("end_x",) + (("end_sx",) if momentum else ())
+  if cumulative:
+    fields += ("read_w0",) + (("read_s0",) if momentum else ())
+  return fields
 
 
-def unpack_coefficient_grads(d_packed, fields, coefs: dict):
-  """The packed [R, N, 8, C] gradients as one gradient per coefficient field (shaped as the
-  field, features layout), in `fields` order; read_x's comes separately."""
-  rows = {"read_w0": ROW_READ_W0, "read_s0": ROW_READ_S0, "end_x": ROW_END_X,
-          "end_sx": ROW_END_SX, "end_w0": ROW_END_W0, "end_s0": ROW_END_S0,
-          "end_ss0": ROW_END_SS0}
-  grads = []
-  for name in fields:
-    if name == "read_x":
-      grads.append(None)
-      continue
-    row = d_packed[:, :, rows[name]:rows[name] + 1]
-    if rows[name] in SCALAR_ROWS:
-      row = row[..., :1]
-    grads.append(row.reshape(coefs[name].shape).astype(coefs[name].dtype))
-  return grads
+def coefficient_grads(products, d_ends, saved, d_read_x, coefs: dict) -> dict:
+  """Every coefficient's gradient (shaped as the coefficient, features layout) from the kernel's
+  products [R, N, P, d, C] (P: product_fields), the cotangents carried into each chunk's end
+  d_ends ([dW1] / [dW1, dS1], [R, N, d, d]), the saved chunk-start states and dX."""
+  sums = jnp.sum(products, axis=3)                             # [R, N, P, C]
+  fields = product_fields(len(saved) == 2, d_read_x is not None)
+  grads = {name: sums[:, :, i:i + 1] for i, name in enumerate(fields)}
+  dot = lambda a, b: jnp.sum(a * b, axis=(2, 3))[..., None, None]  # [R, N, 1, 1]
+  grads["end_w0"] = dot(d_ends[0], saved[0])
+  if len(saved) == 2:
+    grads["end_s0"] = dot(d_ends[0], saved[1])
+    grads["end_ss0"] = dot(d_ends[1], saved[1])
+  if d_read_x is not None:
+    grads["read_x"] = d_read_x
+  return {name: grads[name].reshape(coefs[name].shape).astype(coefs[name].dtype)
+          for name in coefs}
 
 
 def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2: bool,
@@ -109,7 +115,9 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
   read_x [R, N, C, C] ([j, t]) float32 or None (chunk_rows_mgpu.pack_coefficients); saved: the
   start state of every chunk, [W] or [W, S] as [R, N, d, d] float32; d_final: the final state's
   cotangent, [R, d, d] float32 each. Returns (dqt, dkt, dvt [R, N, d, C] compute dtype,
-  d_packed [R, N, 8, C] float32, d_read_x [R, N, C, C] or None, d_init [W] / [W, S])."""
+  products [R, N, P, d, C] float32 (product_fields), d_read_x [R, N, C, C] or None, d_ends
+  (the cotangent carried into each chunk's end, [R, N, d, d] per state), d_init [W] / [W, S]);
+  `coefficient_grads` turns them into the coefficients' gradients."""
   plgpu = _plgpu()
   rows, num_chunks, d, chunk = qt.shape
   cd = qt.dtype
@@ -123,17 +131,19 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
   if cumulative:
     inputs.append(jnp.swapaxes(read_x, 2, 3))               # X^T [t, j]
   n_loads = len(inputs)
+  n_products = len(product_fields(momentum, cumulative))
   padded = (4, 6, 8)                                        # loads into 64-row zeroed buffers
 
   def body(*refs):
     ins, refs = refs[:n_loads], refs[n_loads:]
     saved_g, refs = refs[:n_states], refs[n_states:]
     d_final_g, refs = refs[:n_states], refs[n_states:]
-    (dq_g, dk_g, dv_g, dco_g), refs = refs[:4], refs[4:]
+    (dq_g, dk_g, dv_g, prod_g), refs = refs[:4], refs[4:]
     drx_g, refs = (refs[0], refs[1:]) if cumulative else (None, refs)
+    d_end_g, refs = refs[:n_states], refs[n_states:]
     d_init_g, refs = refs[:n_states], refs[n_states:]
     (slot_refs, refs) = refs[:n_loads], refs[n_loads:]
-    (st32, stc, dst32, dstc, e_s, pt_s, g_s, h_s, dy_s, u_s, dat_s, dq_s, dk_s, dv_s, dco_s,
+    (st32, stc, dst32, dstc, e_s, pt_s, g_s, h_s, dy_s, u_s, dat_s, dq_s, dk_s, dv_s, prod_s,
      drx_s, barrier), spares = refs[:17], refs[17:]
     r = lax.axis_index("rows")
     state_barrier = 2 * n_loads               # one per state, then one per cotangent
@@ -162,7 +172,6 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       for i in padded:
         if i < n_loads:
           slot_refs[i][slot] = jnp.zeros(slot_refs[i].shape[1:], slot_refs[i].dtype)
-    dco_s[...] = jnp.zeros(dco_s.shape, f32)
     for i in range(n_states):
       plgpu.copy_gmem_to_smem(d_final_g[i].at[r], dst32.at[i], barrier.at[init_barrier + i])
     for i in range(n_states):
@@ -183,15 +192,10 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       for j in range(n_states):
         plgpu.barrier_wait(barrier.at[state_barrier + j])
 
-      # The chunk-end scalars' gradients: <dW1, W0>, <dW1, S0>, <dS1, S0> in float32.
-      w0 = st32[0]
-      scalar_grads = {ROW_END_W0: _total(dst32[0] * w0)}
-      stc[0] = w0.astype(cd)
-      if momentum:
-        s0 = st32[1]
-        scalar_grads[ROW_END_S0] = _total(dst32[0] * s0)
-        scalar_grads[ROW_END_SS0] = _total(dst32[1] * s0)
-        stc[1] = s0.astype(cd)
+      # dW1 (dS1) out for the chunk-end scalars' gradients (the update below waits for it).
+      for j in range(n_states):
+        plgpu.copy_smem_to_gmem(dst32.at[j], d_end_g[j].at[r, n])
+        stc[j] = st32[j].astype(cd)
       plgpu.commit_smem()
 
       @pl.when(i + 1 < num_chunks)
@@ -273,16 +277,15 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       dq_s[...] = d_q.astype(cd)
       dk_s[...] = d_k.astype(cd)
       dv_s[...] = d_v.astype(cd)
-      dco_s[ROW_END_X] = jnp.sum(got["du"] * e, axis=0)
-      if momentum:
-        dco_s[ROW_END_SX] = jnp.sum(got["dus"] * e, axis=0)
+      # The coefficients' products, in product_fields order.
+      products = [got["du"] * e] + ([got["dus"] * e] if momentum else [])
       if cumulative:
-        dco_s[ROW_READ_W0] = jnp.sum(d_out_c * got["read"], axis=0)
+        products.append(d_out_c * got["read"])
         if momentum:
-          dco_s[ROW_READ_S0] = jnp.sum(d_out_c * got["read_s"], axis=0)
+          products.append(d_out_c * got["read_s"])
         drx_s[...] = drx
-      for index, value in scalar_grads.items():
-        dco_s[index, 0] = value
+      for j, product in enumerate(products):
+        prod_s[j] = product
 
       # The carried cotangent: dW0 = p dW1 + G Q^T + dY K^T;  dS0 = q dW1 + r dS1 + H Q^T.
       dw1 = dst32[0]
@@ -299,7 +302,7 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       plgpu.copy_smem_to_gmem(dq_s, dq_g.at[r, n])
       plgpu.copy_smem_to_gmem(dk_s, dk_g.at[r, n])
       plgpu.copy_smem_to_gmem(dv_s, dv_g.at[r, n])
-      plgpu.copy_smem_to_gmem(dco_s, dco_g.at[r, n])
+      plgpu.copy_smem_to_gmem(prod_s, prod_g.at[r, n])
       if cumulative:
         plgpu.copy_smem_to_gmem(drx_s.at[:chunk], drx_g.at[r, n])
 
@@ -308,9 +311,11 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
     plgpu.wait_smem_to_gmem(0)
 
   feature_type = jax.ShapeDtypeStruct(qt.shape, cd)
-  out_types = [feature_type] * 3 + [jax.ShapeDtypeStruct(packed.shape, f32)]
+  out_types = [feature_type] * 3 + [
+      jax.ShapeDtypeStruct((rows, num_chunks, n_products, d, chunk), f32)]
   if cumulative:
     out_types.append(jax.ShapeDtypeStruct((rows, num_chunks, chunk, chunk), f32))
+  out_types += [jax.ShapeDtypeStruct((rows, num_chunks, d, d), f32)] * n_states
   out_types += [jax.ShapeDtypeStruct((rows, d, d), f32)] * n_states
   # As in the forward: every wgmma operand buffer takes the swizzle of a C-token row.
   swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
@@ -327,7 +332,7 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       operand((d, chunk)), operand((d, chunk)), operand((d, chunk)),   # G, H, dY
       operand((n_states, d, chunk)), operand((SCORE_ROWS, chunk)),     # c E (s E), dA^T
       operand((d, chunk)), operand((d, chunk)), operand((d, chunk)),   # dq, dk, dv staging
-      plgpu.SMEM((COEF_ROWS, chunk), f32), plgpu.SMEM((SCORE_ROWS, chunk), f32),
+      plgpu.SMEM((n_products, d, chunk), f32), plgpu.SMEM((SCORE_ROWS, chunk), f32),
       plgpu.Barrier(num_barriers=2 * n_loads + 2 * n_states)]
   if interpret:   # transposed copies: W0^T, dW^T, dS^T, dA, S0^T (`transposed`)
     scratch += [operand((d, d))] * 3 + [operand((chunk, chunk)), operand((d, d))]
@@ -336,7 +341,7 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       interpret=_interpret_params(interpret),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *saved, *d_final)
-  dq, dk, dv, d_packed = results[:4]
+  dq, dk, dv, products = results[:4]
   d_read_x = jnp.swapaxes(results[4], 2, 3) if cumulative else None
-  d_init = list(results[4 + cumulative:])
-  return dq, dk, dv, d_packed, d_read_x, d_init
+  rest = results[4 + cumulative:]
+  return dq, dk, dv, products, d_read_x, list(rest[:n_states]), list(rest[n_states:])
