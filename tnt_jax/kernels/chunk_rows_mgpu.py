@@ -20,8 +20,9 @@ kernel and the jnp reference agree to accumulation order.
 
 Backward: `chunk_memory` wraps this forward in the row kernel's `custom_vjp`; the fused backward
 re-runs this forward per checkpoint group (saving every chunk-start state) and walks the group
-with the Pallas reverse kernel (Triton on the GPU), or "xla" recomputes with the jnp reference.
-A Mosaic GPU reverse kernel is the next version (docs/kernel_notes.md, v12).
+with the Mosaic GPU reverse walk (kernels/chunk_rows_mgpu_reverse.py, the adjoint written out)
+where it fits in shared memory, else with the Pallas reverse kernel (Triton on the GPU); "xla"
+recomputes with the jnp reference.
 
 Selected by `KernelBlocks(row_lowering="mosaic_gpu")`; `unsupported_reason` says when it cannot
 run an op (ops/api.py then falls back with the reason logged).
