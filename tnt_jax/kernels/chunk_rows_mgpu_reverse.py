@@ -26,9 +26,8 @@ axis (dP^T, K^T Q). Products with a transposed state operand (W0^T, dW1^T) read 
 through `plgpu.transpose_ref` (wgmma's transposed-operand mode); the interpreter has no
 transposed refs, so there the kernel writes the transpose into a spare buffer instead (the one
 difference between the compiled and the interpreted kernel). Per chunk the inputs (q, k, v, dO in
-both layouts, coefficients, score weights, and the saved state already rounded to the compute
-dtype by XLA, so the kernel neither loads nor converts a float32 state) arrive by TMA one chunk
-ahead (two slots).
+both layouts, coefficients, score weights) arrive by TMA one chunk ahead (two slots); the saved
+state has one buffer, refilled for the next chunk as soon as this chunk has rounded it.
 
 The coefficient gradients are reductions (over d for the per-token ones, over d x d for the
 chunk-end scalars'). They leave the kernel: it writes the elementwise products (dU * E, dUs * E,
@@ -54,14 +53,14 @@ from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _pl
 
 
 def smem_bytes(head_dim: int, chunk: int, momentum: bool) -> int:
-  """Shared memory of one compiled program: two slots of chunk inputs (the saved state among
-  them), the carried cotangent (float32 + compute-dtype copy), and the staging buffers."""
+  """Shared memory of one compiled program: two slots of chunk inputs, the saved state (float32 +
+  compute-dtype copy), the carried cotangent (the same), and the staging buffers."""
   d, states = head_dim, 2 if momentum else 1
   features = 4 * d * chunk * 2                              # qt, kt, vt, dO^T
   tokens = 2 * SCORE_ROWS * d * 2 + chunk * d * 2           # q, dO (64 padded rows), k
   coefs = COEF_ROWS * chunk * 4 + SCORE_ROWS * chunk * 4
   slots = 2 * (features + tokens + coefs)
-  state = states * d * d * (2 * 2 + 4 + 2)                  # W0 (S0) bf16 x 2 slots, dW (dS)
+  state = 2 * states * d * d * (4 + 2)                      # W0 (S0) and dW (dS)
   staging = (6 * d * chunk + 2 * SCORE_ROWS * chunk) * 2 + 3 * d * chunk * 2
   staging += 4 * d * chunk * 4 + SCORE_ROWS * chunk * 4     # the products, dX^T
   return slots + state + staging
@@ -131,24 +130,24 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
   inputs = [qt, kt, vt, d_out, tokens(qt), tokens(kt), tokens(d_out), packed]
   if cumulative:
     inputs.append(jnp.swapaxes(read_x, 2, 3))               # X^T [t, j]
-  first_state = len(inputs)
-  inputs += [x.astype(cd) for x in saved]                   # W0 (S0), as the wgmmas read them
   n_loads = len(inputs)
   n_products = len(product_fields(momentum, cumulative))
-  padded = (4, 6) + ((8,) if cumulative else ())           # loads into 64-row zeroed buffers
+  padded = (4, 6, 8)                                        # loads into 64-row zeroed buffers
 
   def body(*refs):
     ins, refs = refs[:n_loads], refs[n_loads:]
+    saved_g, refs = refs[:n_states], refs[n_states:]
     d_final_g, refs = refs[:n_states], refs[n_states:]
     (dq_g, dk_g, dv_g, prod_g), refs = refs[:4], refs[4:]
     drx_g, refs = (refs[0], refs[1:]) if cumulative else (None, refs)
     d_end_g, refs = refs[:n_states], refs[n_states:]
     d_init_g, refs = refs[:n_states], refs[n_states:]
     (slot_refs, refs) = refs[:n_loads], refs[n_loads:]
-    (dst32, dstc, e_s, pt_s, g_s, h_s, dy_s, u_s, dat_s, dq_s, dk_s, dv_s, prod_s, drx_s,
-     barrier), spares = refs[:15], refs[15:]
+    (st32, stc, dst32, dstc, e_s, pt_s, g_s, h_s, dy_s, u_s, dat_s, dq_s, dk_s, dv_s, prod_s,
+     drx_s, barrier), spares = refs[:17], refs[17:]
     r = lax.axis_index("rows")
-    init_barrier = 2 * n_loads                # one per cotangent
+    state_barrier = 2 * n_loads               # one per state, then one per cotangent
+    init_barrier = state_barrier + n_states
 
     def transposed(ref, spare):
       """ref^T as a wgmma operand: a transposed view when compiled, a written copy when not."""
@@ -165,9 +164,14 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
           dst = dst.at[:chunk]                             # rows past C stay zero
         plgpu.copy_gmem_to_smem(src.at[r, n], dst, barrier.at[slot * n_loads + i])
 
+    def fetch_state(n):
+      for i in range(n_states):
+        plgpu.copy_gmem_to_smem(saved_g[i].at[r, n], st32.at[i], barrier.at[state_barrier + i])
+
     for slot in range(2):
       for i in padded:
-        slot_refs[i][slot] = jnp.zeros(slot_refs[i].shape[1:], slot_refs[i].dtype)
+        if i < n_loads:
+          slot_refs[i][slot] = jnp.zeros(slot_refs[i].shape[1:], slot_refs[i].dtype)
     for i in range(n_states):
       plgpu.copy_gmem_to_smem(d_final_g[i].at[r], dst32.at[i], barrier.at[init_barrier + i])
     for i in range(n_states):
@@ -175,24 +179,28 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       dstc[i] = dst32[i].astype(cd)
     plgpu.commit_smem()
     fetch(num_chunks - 1, 0)
+    fetch_state(num_chunks - 1)
 
     @pl.loop(0, num_chunks)
     def _(i):
       n = num_chunks - 1 - i
       slot = lax.rem(i, 2)
-      qt_s, kt_s, vt_s, do_s, qtok_s, ktok_s, dotok_s, coef_s = (
-          ref.at[slot] for ref in slot_refs[:8])
-      rx = [slot_refs[8].at[slot]] if cumulative else []
-      stc = [ref.at[slot] for ref in slot_refs[first_state:]]   # W0 (S0) in the compute dtype
+      qt_s, kt_s, vt_s, do_s, qtok_s, ktok_s, dotok_s, coef_s, *rx = (
+          ref.at[slot] for ref in slot_refs)
       for j in range(n_loads):
         plgpu.barrier_wait(barrier.at[slot * n_loads + j])
+      for j in range(n_states):
+        plgpu.barrier_wait(barrier.at[state_barrier + j])
 
       # dW1 (dS1) out for the chunk-end scalars' gradients (the update below waits for it).
       for j in range(n_states):
         plgpu.copy_smem_to_gmem(dst32.at[j], d_end_g[j].at[r, n])
+        stc[j] = st32[j].astype(cd)
+      plgpu.commit_smem()
 
       @pl.when(i + 1 < num_chunks)
       def _():
+        fetch_state(n - 1)
         fetch(n - 1, 1 - slot)
 
       row_of = lambda index: lax.broadcast_in_dim(coef_s[index], (d, chunk), (1,))
@@ -203,12 +211,12 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       if momentum:
         products["dus"] = ([(dstc.at[1], kt_s)], (d, chunk))
       if l2:
-        products["y"] = ([(stc[0], kt_s)], (d, chunk))
+        products["y"] = ([(stc.at[0], kt_s)], (d, chunk))
       if cumulative:
-        products["read"] = ([(stc[0], qt_s)], (d, chunk))
+        products["read"] = ([(stc.at[0], qt_s)], (d, chunk))
         products["at"] = ([(qtok_s, kt_s)], (SCORE_ROWS, chunk))       # (K^T Q)^T  [t, j]
         if momentum:
-          products["read_s"] = ([(stc[1], qt_s)], (d, chunk))
+          products["read_s"] = ([(stc.at[1], qt_s)], (d, chunk))
       got = dict(zip(products, mms(list(products.values()))))
       v = vt_s[...].astype(f32)
       e = 2.0 * (got["y"] - v) if l2 else -v
@@ -245,7 +253,7 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       plgpu.commit_smem()
 
       # Round 2: the inputs' gradients and the state cotangent's new terms.
-      w0_t = transposed(stc[0], 0)
+      w0_t = transposed(stc.at[0], 0)
       dq = [(w0_t, g_s)]
       dk = [(transposed(dstc.at[0], 1), u_s.at[0])]
       dw = [(g_s, qtok_s.at[:chunk])]
@@ -259,7 +267,7 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
         dk.append((qt_s, dat_s.at[:chunk]))
       products = [(dq, (d, chunk)), (dk, (d, chunk)), (dw, (d, d))]
       if h is not None:
-        dq.append((transposed(stc[1], 4), h_s))
+        dq.append((transposed(stc.at[1], 4), h_s))
         products.append(([(h_s, qtok_s.at[:chunk])], (d, d)))
       d_q, d_k, g_w, *g_s0 = mms(products)
       d_v = -d_y if l2 else -d_e
@@ -317,22 +325,22 @@ def linear_rows_reverse(qt, kt, vt, packed, read_x, saved, d_out, d_final, *, l2
       plgpu.SMEM((2, COEF_ROWS, chunk), f32)]
   if cumulative:
     slot_types.append(plgpu.SMEM((2, SCORE_ROWS, chunk), f32))
-  slot_types += [operand((2, d, d))] * n_states                         # W0 (S0)
   scratch = slot_types + [
+      _smem((n_states, d, d), f32), operand((n_states, d, d)),         # W0 (S0)
       _smem((n_states, d, d), f32), operand((n_states, d, d)),         # dW (dS)
       operand((d, chunk)), operand((SCORE_ROWS, chunk)),               # E, P^T
       operand((d, chunk)), operand((d, chunk)), operand((d, chunk)),   # G, H, dY
       operand((n_states, d, chunk)), operand((SCORE_ROWS, chunk)),     # c E (s E), dA^T
       operand((d, chunk)), operand((d, chunk)), operand((d, chunk)),   # dq, dk, dv staging
       plgpu.SMEM((n_products, d, chunk), f32), plgpu.SMEM((SCORE_ROWS, chunk), f32),
-      plgpu.Barrier(num_barriers=2 * n_loads + n_states)]
+      plgpu.Barrier(num_barriers=2 * n_loads + 2 * n_states)]
   if interpret:   # transposed copies: W0^T, dW^T, dS^T, dA, S0^T (`transposed`)
     scratch += [operand((d, d))] * 3 + [operand((chunk, chunk)), operand((d, d))]
   results = plgpu.kernel(
       body, out_type=out_types, scratch_types=scratch, grid=(rows,), grid_names=("rows",),
       interpret=_interpret_params(interpret),
       compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *d_final)
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *saved, *d_final)
   dq, dk, dv, products = results[:4]
   d_read_x = jnp.swapaxes(results[4], 2, 3) if cumulative else None
   rest = results[4 + cumulative:]
