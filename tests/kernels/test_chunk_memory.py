@@ -57,6 +57,51 @@ def _outputs_and_vjp(fn, args, seed):
   return outputs, vjp(jax.tree.unflatten(treedef, cot))
 
 
+def independent_row_case(config, layout, dtype, seed, rows=2, chunks=3, head_dim=64):
+  """Inputs of the row-level op (`chunk_memory._kernel_rows`) with every gate coefficient drawn
+  on its own, not derived from gates (which tie them together, so a wrong gradient of one can
+  hide in the gates' sum). Returns (args, coef_fields): q, k, v [R, N, C, d] ("tokens") or
+  [R, N, d, C] ("features") in `dtype`; coefficients and states float32+."""
+  c, d = config.chunk_size, head_dim
+  acc = jnp.promote_types(dtype, jnp.float32)
+  key = iter(jax.random.split(jax.random.key(seed), 32))
+  normal = lambda shape, scale=1.0: scale * jax.random.normal(next(key), shape, acc)
+  token_shape = (rows, chunks, c, d) if layout == "tokens" else (rows, chunks, d, c)
+  q, k, v = (normal(token_shape, 0.5).astype(dtype) for _ in range(3))
+  per_token, scalar = (rows, chunks, c, 1), (rows, chunks, 1, 1)
+  cumulative, momentum = config.read == "cumulative", config.rule.has_momentum
+  fresh = dict(end_w0=1.0 + normal(scalar, 0.05), end_x=normal(per_token, 0.05))
+  if cumulative:
+    fresh.update(read_w0=1.0 + normal(per_token, 0.05), read_x=normal((rows, chunks, c, c), 0.05))
+  if momentum:
+    fresh.update(end_s0=normal(scalar, 0.3), end_ss0=0.9 + normal(scalar, 0.05),
+                 end_sx=normal(per_token, 0.05))
+    if cumulative:
+      fresh["read_s0"] = normal(per_token, 0.3)
+  coefs = chunk_memory.coefs_in_layout(chunk_memory.ChunkCoefs(
+      **{f: fresh.get(f) for f in chunk_memory.ChunkCoefs._fields}), layout)
+  fields = tuple(f for f in chunk_memory.ChunkCoefs._fields if getattr(coefs, f) is not None)
+  model = config.model
+  widths = [d] + [model.hidden_dim(d)] * (model.depth - 1) + [d] if model.kind == "mlp" else [d, d]
+  weights = [normal((rows, widths[i + 1], widths[i]), 0.1) for i in range(len(widths) - 1)]
+  state = weights + ([normal(w.shape, 0.1) for w in weights] if momentum else [])
+  return (q, k, v, [getattr(coefs, f) for f in fields], state), fields
+
+
+def row_op_and_reference(config, fields, **static_kw):
+  """(the kernel's row op, the float32+ jnp scan of the same chunk step) as functions of
+  (q, k, v, coefs, state), for a linear or mlp memory."""
+  depth = 1 if config.model.kind == "linear" else config.model.depth
+  static = chunk_memory._Static(config, fields, depth, config.rule.has_momentum, **static_kw)
+  kernel = lambda *args: chunk_memory._kernel_rows(static, *args)
+
+  def reference(q, k, v, coefs, state):
+    up = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return chunk_memory._reference_rows(static, up(q), up(k), up(v), coefs, state)
+
+  return kernel, reference
+
+
 def _seed(*names):
   return zlib.crc32("/".join(map(str, names)).encode()) % 100_000
 
@@ -249,6 +294,19 @@ class ChunkMemoryKernelInterpretTest(ChunkMemoryKernelTest):
   def test_matches_reference_float64(self, model, rule_read):
     config = _config(model, rule_read)
     self._check(config, 64, "float64", _seed(model, rule_read, "f64"))
+
+  @parameterized.product(model=tuple(MODELS), rule_read=tuple(RULE_READS))
+  def test_row_op_on_independent_coefficients_float64(self, model, rule_read):
+    """Every coefficient's gradient of the fused backward, each coefficient drawn on its own."""
+    config = _config(model, rule_read)
+    layout = "features" if model == "linear" else "tokens"
+    args, fields = independent_row_case(config, layout, jnp.float64,
+                                        _seed("independent", model, rule_read))
+    kernel, reference = row_op_and_reference(
+        config, fields, driver="chunk_loop", interpret=True,
+        blocks=KernelBlocks(layout=layout, save_every=2))
+    got, want = _outputs_and_vjp(kernel, args, 2), _outputs_and_vjp(reference, args, 2)
+    assert_trees_rel_close(self, got, want, 1e-6, f"{model}/{rule_read}: ")
 
   def test_version_1_backward_recomputing_in_jnp(self):
     config = _config("mlp", "titans_cumulative")

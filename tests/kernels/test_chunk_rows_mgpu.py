@@ -9,15 +9,14 @@ with the reverse kernel where it fits, else with the Pallas one), plus bfloat16 
 Pallas row kernel, which rounds the same operands.
 """
 
-import functools
-
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 
 from tests.helpers import assert_trees_rel_close
 from tests.kernels.test_chunk_memory import (KernelTestCase, _inputs, _outputs_and_vjp,
-                                             _seed)
+                                             _seed, independent_row_case,
+                                             row_op_and_reference)
 from tnt_jax.kernels import chunk_memory, chunk_rows_mgpu, chunk_rows_mgpu_reverse
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
@@ -121,31 +120,11 @@ class MosaicRowsTest(KernelTestCase):
     """The row op with every coefficient drawn on its own (not from gates, which tie them):
     each coefficient's gradient, and q, k, v's and the state's, against the float32 scan."""
     config = _config(rule, read)
-    rows, chunks, d, c = 2, 3, 64, 16
-    key = iter(jax.random.split(jax.random.key(_seed("mrows-coefs", rule, read)), 16))
-    normal = lambda shape, scale=1.0: scale * jax.random.normal(next(key), shape, jnp.float32)
-    bf16 = lambda x: x.astype(jnp.bfloat16)
-    q, k, v = (bf16(normal((rows, chunks, d, c), 0.5)) for _ in range(3))
-    per_token, scalar = (rows, chunks, 1, c), (rows, chunks, 1, 1)
-    coefs = dict(end_w0=1.0 + normal(scalar, 0.05), end_x=normal(per_token, 0.05))
-    if read == "cumulative":
-      coefs.update(read_w0=1.0 + normal(per_token, 0.05), read_x=normal((rows, chunks, c, c), 0.05))
-    momentum = rule == "titans"
-    if momentum:
-      coefs.update(end_s0=normal(scalar, 0.3), end_ss0=0.9 + normal(scalar, 0.05),
-                   end_sx=normal(per_token, 0.05))
-      if read == "cumulative":
-        coefs["read_s0"] = normal(per_token, 0.3)
-    fields = tuple(f for f in chunk_memory.ChunkCoefs._fields if f in coefs)
-    state = [normal((rows, d, d), 0.1) for _ in range(1 + momentum)]
-    static = chunk_memory._Static(
-        config, fields, 1, momentum, driver="chunk_loop", interpret=self.INTERPRET,
+    args, fields = independent_row_case(config, "features", jnp.bfloat16,
+                                        _seed("mrows-coefs", rule, read))
+    kernel, reference = row_op_and_reference(
+        config, fields, driver="chunk_loop", interpret=self.INTERPRET,
         blocks=KernelBlocks(row_lowering="mosaic_gpu", save_every=2, layout="features"))
-    args = (q, k, v, [coefs[f] for f in fields], state)
-    kernel = functools.partial(chunk_memory._kernel_rows, static)
-    reference = lambda q, k, v, coefs, state: chunk_memory._reference_rows(
-        static, q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), coefs,
-        state)
     got = _outputs_and_vjp(kernel, args, 3)
     want = _outputs_and_vjp(reference, args, 3)
     assert_trees_rel_close(self, got, want, 2e-2, f"{rule}/{read}: ")
