@@ -61,18 +61,27 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool) -> int:
 def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bool) -> str | None:
   """Why this kernel cannot run the forward of this op (None when it can). chunk: the kernel's
   (padded) chunk; compiled: on a GPU rather than the interpreter."""
+  return linear_kernel_reason("row kernel", smem_bytes, config, head_dim, dtype, chunk,
+                              compiled=compiled)
+
+
+def linear_kernel_reason(kernel: str, smem_fn, config, head_dim: int, dtype, chunk: int, *,
+                         compiled: bool) -> str | None:
+  """The checks shared by the Mosaic GPU row kernels (this forward and its reverse walk):
+  linear model, operands, chunk size, smem_fn(head_dim, chunk, momentum) bytes, platform."""
   model = config.model
   if model.kind != "linear":
-    return (f"memory model kind={model.kind!r} (the Mosaic GPU row kernel does linear memories; "
+    return (f"memory model kind={model.kind!r} (the Mosaic GPU {kernel} does linear memories; "
             "mlp and swiglu run on the Pallas row kernel)")
-  if (reason := operand_reason("row kernel", head_dim, dtype)) is not None:
+  if (reason := operand_reason(kernel, head_dim, dtype)) is not None:
     return reason
   if chunk not in CHUNKS:
-    return (f"chunk={chunk} (padded from {config.chunk_size}): the Mosaic GPU row kernel takes "
+    return (f"chunk={chunk} (padded from {config.chunk_size}): the Mosaic GPU {kernel} takes "
             f"chunks of {CHUNKS} tokens")
-  if (need := smem_bytes(head_dim, chunk, config.rule.has_momentum)) > SMEM_BYTES:
-    return (f"shared memory {need} bytes at head_dim={head_dim}, chunk={chunk} > {SMEM_BYTES}")
-  return hopper_reason("row kernel") if compiled else None
+  if (need := smem_fn(head_dim, chunk, config.rule.has_momentum)) > SMEM_BYTES:
+    return (f"shared memory {need} bytes at head_dim={head_dim}, chunk={chunk} > {SMEM_BYTES} "
+            f"for the {kernel}")
+  return hopper_reason(kernel) if compiled else None
 
 
 def mms(products):

@@ -46,9 +46,9 @@ from jax.experimental import pallas as pl
 
 from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_END_SS0,
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
-                                             ROW_READ_W0, SCORE_ROWS, mms)
-from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _plgpu, _smem,
-                                              hopper_reason, operand_reason)
+                                             ROW_READ_W0, SCORE_ROWS, linear_kernel_reason,
+                                             mms)
+from tnt_jax.kernels.chunk_start_mgpu import _interpret_params, _plgpu, _smem
 
 
 
@@ -68,16 +68,8 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool) -> int:
 
 def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bool) -> str | None:
   """Why this reverse kernel cannot run the backward of this op (None when it can)."""
-  if config.model.kind != "linear":
-    return f"memory model kind={config.model.kind!r} (the Mosaic GPU reverse walk is linear only)"
-  if (reason := operand_reason("reverse row kernel", head_dim, dtype)) is not None:
-    return reason
-  if chunk not in CHUNKS:
-    return f"chunk={chunk}: the Mosaic GPU reverse row kernel takes chunks of {CHUNKS} tokens"
-  if (need := smem_bytes(head_dim, chunk, config.rule.has_momentum)) > SMEM_BYTES:
-    return (f"shared memory {need} bytes at head_dim={head_dim}, chunk={chunk} > {SMEM_BYTES} "
-            "(the reverse walk's state, cotangent and two input slots)")
-  return hopper_reason("reverse row kernel") if compiled else None
+  return linear_kernel_reason("reverse row kernel", smem_bytes, config, head_dim, dtype, chunk,
+                              compiled=compiled)
 
 
 def product_fields(momentum: bool, cumulative: bool) -> tuple:
