@@ -52,6 +52,8 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
+flags.DEFINE_list("tnt_models", ["mlp"], "kernel mode: the memory model of the whole TNT "
+                  "memory's global and local (one row each: 'tnt' for mlp, 'tnt/<model>' else)")
 flags.DEFINE_list("affine_blocks", ["auto"], "kernel mode: also time implementation='affine' "
                   "(ops/affine.py) where the memory is linear, with these chunks per block "
                   "('auto': the op's default); empty: not at all")
@@ -249,15 +251,19 @@ def kernel_variants():
       for model_name, read, chunk, config in memory_configs():
         yield length, head_dim, model_name, read, chunk, config
       if FLAGS.kernel_tnt:
-        yield length, head_dim, "tnt", "", FLAGS.kernel_local_chunk, None
+        for tnt_model in FLAGS.tnt_models:
+          name = "tnt" if tnt_model == "mlp" else f"tnt/{tnt_model}"
+          yield length, head_dim, name, "", FLAGS.kernel_local_chunk, tnt_model
       if FLAGS.attention:
         yield length, head_dim, "attention", "causal", 0, "attention"
 
 
-def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_blocks=None):
-  """A whole TNT memory: mlp global (chunk-start) + one mlp local (cumulative), Q-K projection."""
+def tnt_memory_case(length, head_dim, dtype, backward, implementation, kernel_blocks=None,
+                    model_name="mlp"):
+  """A whole TNT memory: a global (chunk-start) + one local (cumulative) of model_name, Q-K
+  projection."""
   b, h = FLAGS.batch, FLAGS.heads
-  model = MemoryModel("mlp", expansion=FLAGS.expansion)
+  model = MemoryModel(model_name, expansion=FLAGS.expansion)
   glob = MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", "chunk_start",
                       min(FLAGS.global_chunk, length))
   local = LocalMemory(MemoryConfig(model, UpdateRule(FLAGS.rule), "l2", "cumulative",
@@ -300,8 +306,9 @@ def run_kernel_mode(peak):
   for length, head_dim, model_name, read, chunk, config in kernel_variants():
     paths = [("xla", "xla", None)] if config == "attention" else list(kernel_implementations())
     for label, implementation, blocks in paths:
-      if implementation == "affine" and (config is None or affine.unsupported_reason(config)):
-        continue   # an mlp memory (and so a TNT memory here) would run the xla path again
+      tnt_model = config if model_name.startswith("tnt") else None
+      if implementation == "affine" and (tnt_model or affine.unsupported_reason(config)):
+        continue   # an mlp memory would run the xla path again; the TNT row compares xla and kernels
       for pass_name in FLAGS.passes:
         backward = pass_name == "fwd+bwd"
         row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,
@@ -314,9 +321,9 @@ def run_kernel_mode(peak):
             count = flops.causal_attention_flops(b, length, h, head_dim, backward)
             row.update(implementation="cudnn" if jax.default_backend() == "gpu" else "xla",
                        rule="")
-          elif config is None:
+          elif tnt_model:
             fn, args, count, memories = tnt_memory_case(length, head_dim, dtype, backward,
-                                                         implementation, blocks)
+                                                         implementation, blocks, tnt_model)
             if implementation == "pallas":
               reasons = [kernel_fallback_reason(m, head_dim, dtype, False, blocks)
                          for m in memories]
@@ -340,7 +347,7 @@ def run_kernel_mode(peak):
 
 
 def format_kernel_row(r) -> str:
-  name = (f"{r['model']:9s} {r['read'] or '-':11s} C={r['chunk']:<5d} d={r['head_dim']:<4d} "
+  name = (f"{r['model']:10s} {r['read'] or '-':11s} C={r['chunk']:<5d} d={r['head_dim']:<4d} "
           f"T={r['length']:<6d} {r['implementation']:21s} {r['passes']:8s}")
   if "error" in r:
     return f"{name} FAILED {r['error']}"
@@ -443,7 +450,7 @@ def _attention_layer_case(x, backward):
 
 
 def format_row(r) -> str:
-  name = (f"{r['model']:9s} {r['rule'] or '-':6s} {r['read']:11s} C={r['chunk']:<5d} "
+  name = (f"{r['model']:10s} {r['rule'] or '-':6s} {r['read']:11s} C={r['chunk']:<5d} "
           f"u={r['unroll']:<4} T={r['length']:<6d}")
   if "error" in r:
     return f"{name} {r['passes']:8s} FAILED {r['error']}"
