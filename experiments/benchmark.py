@@ -39,6 +39,7 @@ import numpy as np
 
 from flax import nnx
 
+from tnt_jax import profiling
 from tnt_jax.layers import MemoryLayer, TitansLayerConfig, TNTLayerConfig
 from tnt_jax.layers.flops import memory_layer_flops
 from tnt_jax.memory import Gates, MemoryConfig, MemoryModel, UpdateRule
@@ -52,6 +53,8 @@ flags.DEFINE_enum("mode", "op", ["op", "layer", "decode", "context", "kernel"],
 flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
+flags.DEFINE_integer("kernel_profile_top", 0, "kernel mode: also profile each variant and "
+                     "print its N kernels with the most device time (0: no profile)")
 flags.DEFINE_list("tnt_models", ["mlp"], "kernel mode: the memory model of the whole TNT "
                   "memory's global and local (one row each: 'tnt' for mlp, 'tnt/<model>' else)")
 flags.DEFINE_list("affine_blocks", ["auto"], "kernel mode: also time implementation='affine' "
@@ -341,9 +344,22 @@ def run_kernel_mode(peak):
             args = op_inputs(config, b, length, h, head_dim, dtype)
             fn = _op_case(config, None, backward, implementation, blocks)
             count = flops.memory_op_flops(config, b, length, h, head_dim, backward)
-          yield timed_variant(fn, args, count, peak, row)
+          compiled = jax.jit(fn).lower(*args).compile()
+          row = time_compiled(compiled, args, count, peak, row)
+          if FLAGS.kernel_profile_top:
+            row["top_kernels"] = top_kernels(compiled, args, FLAGS.kernel_profile_top)
+          yield row
         except Exception as e:  # one failing variant (e.g. out of memory) must not end the run
           yield dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def top_kernels(compiled, args, top: int) -> dict:
+  """The profiled device time of one run: all kernels' summed ms, and the `top` kernel names
+  with the most, each [launches, ms] per run."""
+  kernels = profiling.profile_kernels(compiled, args, FLAGS.reps)
+  ranked = sorted(kernels.items(), key=lambda item: -item[1][1])
+  return dict(total_ms=sum(ms for _, ms in kernels.values()),
+              kernels=[[name, count, ms] for name, (count, ms) in ranked[:top]])
 
 
 def format_kernel_row(r) -> str:
@@ -355,9 +371,15 @@ def format_kernel_row(r) -> str:
     return f"{name} falls back to xla: {r['fallback']}"
   note = f"  [xla for {r['fallback']}]" if r.get("fallback") else ""
   note += f"  [{r['kernel']} kernel]" if r.get("kernel") else ""
-  return (f"{name} {r['tokens_per_s'] / 1e3:10.1f}K tok/s {r['seconds'] * 1e3:9.2f} ms "
+  line = (f"{name} {r['tokens_per_s'] / 1e3:10.1f}K tok/s {r['seconds'] * 1e3:9.2f} ms "
           f"{r['tflops']:7.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  mem {r['memory_gb']:6.2f} GB"
           f"{note}")
+  if "top_kernels" in r:
+    line += (f"\n    kernels sum to {r['top_kernels']['total_ms']:.3f} ms; the most:"
+             if r["top_kernels"]["kernels"] else "\n    the profile holds no device kernels")
+    for kernel, count, ms in r["top_kernels"]["kernels"]:
+      line += f"\n    {ms:8.3f} ms  x{count:<5d} {kernel[:110]}"
+  return line
 
 
 def _attention_case(b, length, h, d, dtype, backward):
