@@ -54,7 +54,8 @@ flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
 flags.DEFINE_integer("kernel_profile_top", 0, "kernel mode: also profile each variant and "
-                     "print its N kernels with the most device time (0: no profile)")
+                     "print its N kernels with the most device time, each XLA fusion with its shape and "
+                     "JAX op path (0: no profile)")
 flags.DEFINE_list("tnt_models", ["mlp"], "kernel mode: the memory model of the whole TNT "
                   "memory's global and local (one row each: 'tnt' for mlp, 'tnt/<model>' else)")
 flags.DEFINE_list("affine_blocks", ["auto"], "kernel mode: also time implementation='affine' "
@@ -357,9 +358,10 @@ def top_kernels(compiled, args, top: int) -> dict:
   """The profiled device time of one run: all kernels' summed ms, and the `top` kernel names
   with the most, each [launches, ms] per run."""
   kernels = profiling.profile_kernels(compiled, args, FLAGS.reps)
-  ranked = sorted(kernels.items(), key=lambda item: -item[1][1])
+  ranked = sorted(kernels.items(), key=lambda item: -item[1][1])[:top]
+  origins = profiling.hlo_origins(compiled.as_text(), kernels)
   return dict(total_ms=sum(ms for _, ms in kernels.values()),
-              kernels=[[name, count, ms] for name, (count, ms) in ranked[:top]])
+              kernels=[[name, count, ms, origins.get(name, "")] for name, (count, ms) in ranked])
 
 
 def format_kernel_row(r) -> str:
@@ -377,8 +379,9 @@ def format_kernel_row(r) -> str:
   if "top_kernels" in r:
     line += (f"\n    kernels sum to {r['top_kernels']['total_ms']:.3f} ms; the most:"
              if r["top_kernels"]["kernels"] else "\n    the profile holds no device kernels")
-    for kernel, count, ms in r["top_kernels"]["kernels"]:
+    for kernel, count, ms, origin in r["top_kernels"]["kernels"]:
       line += f"\n    {ms:8.3f} ms  x{count:<5d} {kernel[:110]}"
+      line += f"\n{'':22s}{origin[:200]}" if origin else ""
   return line
 
 

@@ -67,6 +67,30 @@ class ProfilingTest(absltest.TestCase):
       self.assertGreaterEqual(split.devices, 1)
       self.assertGreater(split.busy_ms, 0)
 
+  def test_hlo_origins_name_the_jax_op_behind_a_kernel(self):
+    hlo = "\n".join([
+        "ENTRY %main (p: f32[8,4]) -> (f32[4,8], f32[4]) {",
+        '  %input_transpose_fusion.2 = f32[4,8]{1,0} fusion(%p), kind=kInput, '
+        'metadata={op_name="jit(f)/transpose(jvp(tnt_op))/transpose" stack_frame_id=3}, '
+        'backend_config={"fusion":"x"}',
+        "  ROOT %tuple.1 = (f32[4,8]{1,0}, f32[4]{0}) tuple(%input_transpose_fusion.2, %r)",
+        "}"])
+    origins = profiling.hlo_origins(hlo, ["input_transpose_fusion_2", "tuple_1", "cutlass_x"])
+    self.assertEqual(origins["input_transpose_fusion_2"],
+                     "f32[4,8]{1,0} fusion jit(f)/transpose(jvp(tnt_op))/transpose")
+    self.assertEqual(origins["tuple_1"], "(f32[4,8]{1,0}, f32[4]{0}) tuple")   # no metadata
+    self.assertNotIn("cutlass_x", origins)                                    # not in the HLO
+
+  def test_hlo_origins_of_a_compiled_function(self):
+    compiled = jax.jit(lambda x: jax.numpy.tanh(x).sum(0)).lower(
+        jax.numpy.ones((16, 16))).compile()
+    hlo = compiled.as_text()
+    names = [m.group(1).replace(".", "_") for m in map(profiling._HLO_INSTRUCTION.match,
+                                                       hlo.splitlines()) if m]
+    origins = profiling.hlo_origins(hlo, names)
+    self.assertEqual(set(origins), set(names))
+    self.assertTrue(any("reduce_sum" in o or "tanh" in o for o in origins.values()), origins)
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import tempfile
 from typing import Iterable, Sequence
 
@@ -123,6 +124,30 @@ def kernel_milliseconds(profile, steps: int = 1) -> dict[str, tuple[int, float]]
       entry[0] += 1
       entry[1] += event.duration_ns
   return {name: (count // steps, ns / steps / 1e6) for name, (count, ns) in totals.items()}
+
+
+# "  [ROOT] %name = <shape> <opcode>(operands), ..., metadata={op_name="..." ...}"
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_origins(hlo_text: str, kernel_names: Iterable[str]) -> dict[str, str]:
+  """Where XLA's kernels come from: for each kernel name that is an instruction of the
+  compiled HLO text (a fusion; GPU kernels write its dots as underscores), '<shape> <opcode>
+  <op_name>' with op_name the JAX path (transforms, primitive) of its root. Names that are no
+  HLO instruction (a Pallas, cuDNN or cuBLAS kernel) are left out."""
+  wanted = set(kernel_names)
+  origins = {}
+  for line in hlo_text.splitlines():
+    match = _HLO_INSTRUCTION.match(line)
+    if match is None:
+      continue
+    name, shape, opcode = match.groups()
+    kernel = name.replace(".", "_")
+    if kernel in wanted and kernel not in origins:
+      op_name = _OP_NAME.search(line)
+      origins[kernel] = f"{shape} {opcode} {op_name.group(1) if op_name else ''}".rstrip()
+  return origins
 
 
 def profile_kernels(fn, args, steps: int = 1) -> dict[str, tuple[int, float]]:
