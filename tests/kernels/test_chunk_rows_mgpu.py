@@ -148,6 +148,17 @@ class MosaicRowsTest(KernelTestCase):
     jax.grad(loss)(q)
     self.assertEqual(calls, [((2, 3, 64, 16), 2)])    # rows, chunks, [d, C]; W and S saved
 
+  @parameterized.named_parameters(("mlp", "mlp", 64), ("titans_d128", "linear", 128))
+  def test_ops_mosaic_refuses_run_on_the_pallas_row_kernel(self, model, head_dim):
+    config = _config(model=MemoryModel("mlp", depth=2, expansion=1.0) if model == "mlp"
+                     else LINEAR)
+    calls = []
+    real = chunk_rows_mgpu.linear_rows_forward
+    spy = lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw)
+    self.enter_context(absltest.mock.patch.object(chunk_rows_mgpu, "linear_rows_forward", spy))
+    self._check(config, _seed("mrows-pallas", model), head_dim=head_dim)
+    self.assertEqual(calls, [])
+
   def test_tnt_memory_on_the_mosaic_kernels(self):
     """A whole TNT memory of linear memories (global chunk-start 32, local cumulative 16 over
     shards of 32, Q-K projection) with both memories on the Mosaic GPU row kernel, in bf16,
@@ -191,8 +202,28 @@ class MosaicRowsRulesTest(parameterized.TestCase):
   """Which ops the Mosaic GPU row kernel takes (no kernel runs)."""
 
   def _reason(self, config, head_dim=64, dtype=jnp.bfloat16, interpret=True):
-    return chunk_memory.unsupported_reason(config, head_dim, dtype, driver="chunk_loop",
-                                           interpret=interpret, blocks=MOSAIC)
+    """Why the Mosaic GPU row kernel does not take this op (the Pallas row kernel then runs)."""
+    return chunk_memory.rows_blocks(config, head_dim, dtype, driver="chunk_loop",
+                                    interpret=interpret, blocks=MOSAIC)[1]
+
+  def test_the_pallas_row_kernel_takes_what_mosaic_refuses(self):
+    mlp = _config(model=MemoryModel("mlp", depth=2, expansion=1.0))
+    for config, head_dim in ((mlp, 64), (_config(), 128)):
+      blocks, reason = chunk_memory.rows_blocks(config, head_dim, jnp.bfloat16,
+                                                driver="chunk_loop", interpret=True,
+                                                blocks=KernelBlocks(row_lowering="mosaic_gpu",
+                                                                    reverse_lowering="mosaic_gpu",
+                                                                    save_every=2))
+      self.assertIsNotNone(reason)
+      self.assertEqual(blocks, KernelBlocks(save_every=2))
+      self.assertIsNone(chunk_memory.unsupported_reason(
+          config, head_dim, jnp.bfloat16, driver="chunk_loop", interpret=True, blocks=MOSAIC))
+    self.assertEqual(chunk_memory.rows_blocks(_config(), 64, jnp.bfloat16, driver="chunk_loop",
+                                              interpret=True, blocks=MOSAIC), (MOSAIC, None))
+    # Compiled, neither kernel takes a cumulative read of 100 (padded to 128) tokens: xla runs.
+    self.assertIn("max_chunk_activations", chunk_memory.unsupported_reason(
+        _config(chunk=100), 64, jnp.bfloat16, driver="chunk_loop", interpret=False,
+        blocks=MOSAIC))
 
   def test_supported(self):
     self.assertIsNone(self._reason(_config()))

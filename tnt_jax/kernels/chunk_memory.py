@@ -49,6 +49,8 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
+from absl import logging
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -117,7 +119,10 @@ class KernelBlocks:
     through Pallas' Mosaic GPU lowering (bf16 linear memories in the "features" layout, chunks
     padded to 16, 32 or 64; interpreted elsewhere when interpret is set). Its fused backward
     walks the chunks on kernels/chunk_rows_mgpu_reverse.py where that fits in shared memory (gd
-    at chunks of 16 and 32, Titans at 16, d = 64), else on the Pallas reverse kernel.
+    at chunks of 16 and 32, Titans at 16, d = 64), else on the Pallas reverse kernel. An op the
+    Mosaic GPU kernel does not take (an mlp, Titans at d = 128, ...) runs on the Pallas row
+    kernel, forward and backward, with the reason logged once (`rows_blocks`), so one setting
+    serves every memory of a model.
   reverse_lowering: the fused backward's reverse walk: "" follows row_lowering, "pallas" forces
     the Pallas reverse kernel after a Mosaic GPU forward (to compare the two), "mosaic_gpu"
     needs row_lowering="mosaic_gpu" (its saved states and layout).
@@ -237,6 +242,28 @@ def row_chunk(chunk_size: int, driver: str, blocks: KernelBlocks) -> int:
   return kernel_chunk(chunk_size, "chunk_loop" if mosaic else driver)
 
 
+def rows_blocks(config: MemoryConfig, head_dim: int, dtype, *, driver: str, interpret: bool,
+                blocks: KernelBlocks) -> tuple[KernelBlocks, str | None]:
+  """The blocks the row kernel runs this op with, and why the Mosaic GPU row kernel does not
+  take it (None where it does or was not asked for): row_lowering="mosaic_gpu" stays where
+  that kernel takes the op; elsewhere row_lowering becomes "pallas" (the reverse walk with it)."""
+  if blocks.row_lowering != "mosaic_gpu" or uses_tiles(config, head_dim, driver, blocks):
+    return blocks, None
+  from tnt_jax.kernels import chunk_rows_mgpu
+  reason = chunk_rows_mgpu.unsupported_reason(
+      config, head_dim, dtype, row_chunk(config.chunk_size, driver, blocks),
+      compiled=not interpret)
+  if reason is None:
+    return blocks, None
+  return dataclasses.replace(blocks, row_lowering="pallas", reverse_lowering=""), reason
+
+
+@functools.lru_cache(maxsize=None)
+def _log_pallas_rows(reason: str) -> None:
+  logging.warning("KernelBlocks.row_lowering='mosaic_gpu': the Pallas row kernel runs this op "
+                  "instead: %s", reason)
+
+
 def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks) -> bool:
   """Whether the op runs on the chunk-start tile kernel (kernels/chunk_start.py) rather than the
   row kernel: a chunk-start read whose chunk is past the row kernel's activation limit, with
@@ -270,12 +297,10 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
     from tnt_jax.kernels import chunk_start_mgpu
     return chunk_start_mgpu.unsupported_reason(model, head_dim, dtype, compiled=not interpret)
   if not tiled and blocks.row_lowering == "mosaic_gpu":
-    from tnt_jax.kernels import chunk_rows_mgpu
-    reason = chunk_rows_mgpu.unsupported_reason(
-        config, head_dim, dtype, row_chunk(config.chunk_size, driver, blocks),
-        compiled=not interpret)
-    if reason is not None:
-      return reason      # else the checks below: the backward runs the Pallas reverse kernel
+    blocks, mosaic_reason = rows_blocks(config, head_dim, dtype, driver=driver,
+                                        interpret=interpret, blocks=blocks)
+    if mosaic_reason is None:
+      return None        # the backward runs the Pallas reverse kernel where its walk does not fit
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
   if width:
@@ -1026,6 +1051,10 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
     from tnt_jax.kernels.chunk_start import tiled_chunk_start_memory   # it imports this module
     return tiled_chunk_start_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                                     driver=driver, interpret=interpret, blocks=blocks)
+  blocks, mosaic_reason = rows_blocks(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype,
+                                      driver=driver, interpret=bool(interpret), blocks=blocks)
+  if mosaic_reason is not None:
+    _log_pallas_rows(mosaic_reason)
   blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                    padded_chunk=row_chunk(config.chunk_size, driver, blocks), driver=driver,
