@@ -1,6 +1,5 @@
 """The chunkwise op against the token-level reference: outputs, final states, all gradients."""
 
-import functools
 import itertools
 import zlib
 
@@ -10,7 +9,6 @@ import jax.numpy as jnp
 
 from tests.helpers import assert_trees_rel_close, random_inputs, rel_err
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
-from tnt_jax.ops import transitions
 from tnt_jax.ops.api import memory_op
 
 MODELS = {
@@ -145,28 +143,6 @@ class StreamingAndDtypeTest(parameterized.TestCase):
     self.assertLess(rel_err(out16.astype(jnp.float32), out32), 2e-2)
     for a, b in zip(jax.tree.leaves(state16), jax.tree.leaves(state32)):
       self.assertLess(rel_err(a, b), 2e-2)
-
-
-class GateCoefficientsTest(parameterized.TestCase):
-
-  def test_unfused_backward_is_the_same_gradient_behind_barriers(self):
-    """unfuse_backward only places optimization barriers: same values, same gradients."""
-    keys = jax.random.split(jax.random.key(_seed("unfused")), 3)
-    theta, eta, alpha = (jax.random.uniform(key, (3, 16)) for key in keys)
-    valid = jnp.arange(16) < 13
-
-    def total(unfuse, theta, eta, alpha):
-      coefs = transitions.gate_coefficients(theta, eta, alpha, valid, "cumulative",
-                                            unfuse_backward=unfuse)
-      return sum(jnp.sum(jnp.sin(c)) for c in coefs)
-
-    grads = [jax.grad(functools.partial(total, unfuse), argnums=(0, 1, 2))(theta, eta, alpha)
-             for unfuse in (False, True)]
-    assert_trees_rel_close(self, grads[1], grads[0], 1e-6, "unfused")
-    for unfuse, barriers in ((False, 0), (True, 3)):          # p, q, r's cotangents
-      grad = jax.grad(functools.partial(total, unfuse), argnums=(0, 1, 2))
-      text = jax.jit(grad).lower(theta, eta, alpha).as_text()
-      self.assertEqual(text.count("optimization_barrier"), barriers, f"unfuse={unfuse}")
 
 
 if __name__ == "__main__":

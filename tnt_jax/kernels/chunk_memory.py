@@ -475,6 +475,19 @@ def _rows(x_BxTxHx_, num_chunks, chunk):
   return x.reshape((b * h, num_chunks, chunk) + x.shape[3:])
 
 
+@jax.custom_vjp
+def _unfused_cotangent(x):
+  """x; its cotangent passes an optimization barrier. Put after a layout change whose backward
+  (a transpose) XLA would otherwise fuse with the reduction that makes the cotangent: on an H100
+  that fusion read the coefficients' [R, N, C, C+1] gradients uncoalesced, 0.96 ms of a 9.8 ms
+  TNT step at 32K, against tens of microseconds for the two kernels apart."""
+  return x
+
+
+_unfused_cotangent.defvjp(lambda x: (x, None),
+                          lambda _, ct: (jax.lax.optimization_barrier(ct),))
+
+
 def _pad_chunks(x_RxNxCx_, padded_chunk, value=0):
   """Pad axis 2 (tokens in a chunk) at its end to padded_chunk."""
   pad = padded_chunk - x_RxNxCx_.shape[2]
@@ -493,13 +506,10 @@ def chunk_coefficients(gates: Gates, config: MemoryConfig, length: int, acc,
   n = -(-length // chunk)
   valid = _pad_chunks((jnp.arange(n * chunk) < length).reshape(1, n, chunk), padded_chunk,
                       False)
-  # The barriers keep XLA from fusing the backward's reductions with what surrounds them: on
-  # an H100 the row transpose with the reduction read [R, N, C, C+1] uncoalesced (0.96 ms of a
-  # 9.8 ms TNT step at 32K; docs/kernel_notes.md, v14).
   rows = lambda g: None if g is None else _pad_chunks(
-      transitions.unfused_cotangent(_rows(g.astype(acc), n, chunk)), padded_chunk)  # [BH, N, C]
+      _unfused_cotangent(_rows(g.astype(acc), n, chunk)), padded_chunk)   # [BH, N, C]
   c = transitions.gate_coefficients(rows(gates.theta), rows(gates.eta), rows(gates.alpha),
-                                    valid, config.read, unfuse_backward=True)
+                                    valid, config.read)
   has_s = config.rule.has_momentum
   col = lambda x: x[..., :, None]                                      # [..., C] -> [..., C, 1]
   one = lambda x: x[..., None, None]                                   # [...] -> [..., 1, 1]

@@ -33,18 +33,6 @@ class ChunkCoefficients(NamedTuple):
   s_from_x: Array         # [..., C]     r[C-1, j] * theta_j
 
 
-@jax.custom_vjp
-def unfused_cotangent(x):
-  """x; its cotangent passes an optimization barrier, so XLA cannot fuse the backward ops on
-  either side of it. Where the backward of one side is a reduction and the other a deep
-  elementwise chain or a layout change, the fused kernel can be many times slower than the two
-  apart (measured on an H100: docs/kernel_notes.md, v14)."""
-  return x
-
-
-unfused_cotangent.defvjp(lambda x: (x, None), lambda _, ct: (jax.lax.optimization_barrier(ct),))
-
-
 def _compose(earlier, later):
   """later @ earlier for upper-triangular 2x2 matrices (p, q, r)."""
   p1, q1, r1 = earlier
@@ -84,10 +72,8 @@ def chunk_end_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC) -> ChunkCoeffic
       s_from_s0=suf_r[..., 0], s_from_x=next_r * theta_xC)
 
 
-def chunk_token_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC,
-                             unfuse_backward: bool = False) -> ChunkCoefficients:
-  """Per-token coefficients for the cumulative read, plus the chunk-end ones. unfuse_backward:
-  materialise the [..., C, C+1] cotangents of the scan's inputs (see `unfused_cotangent`)."""
+def chunk_token_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC) -> ChunkCoefficients:
+  """Per-token coefficients for the cumulative read, plus the chunk-end ones."""
   size = theta_xC.shape[-1]
   p, q, r = _token_matrices(alpha_xC, eta_xC, valid_xC)
   # Column j' = j + 1 in [0, C] holds sources j = -1 (initial state) .. C-1; row t holds M_t
@@ -98,8 +84,6 @@ def chunk_token_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC,
   expand = lambda x, fill: jnp.where(after_source, x[..., :, None], fill)
   one = jnp.ones_like(p)[..., :, None]
   pm, qm, rm = expand(p, one), expand(q, 0.0 * one), expand(r, one)
-  if unfuse_backward:
-    pm, qm, rm = unfused_cotangent(pm), unfused_cotangent(qm), unfused_cotangent(rm)
   cp, cq, cr = jax.lax.associative_scan(_compose, (pm, qm, rm), axis=pm.ndim - 2)
   causal = (t_idx >= j_idx)[:, 1:]                               # [C, C]: t >= j
   w_from_x = jnp.where(causal, (cp + cq)[..., 1:], 0.0) * theta_xC[..., None, :]
@@ -108,8 +92,7 @@ def chunk_token_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC,
       s_from_s0=cr[..., -1, 0], s_from_x=cr[..., -1, 1:] * theta_xC)
 
 
-def gate_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC, read: str,
-                      unfuse_backward: bool = False) -> ChunkCoefficients:
+def gate_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC, read: str) -> ChunkCoefficients:
   """The coefficients a read mode needs, from the raw gates of every chunk ([..., C] each).
 
   eta / alpha may be None (gd: no momentum, no forgetting); theta is zeroed at padded tokens;
@@ -121,6 +104,5 @@ def gate_coefficients(theta_xC, eta_xC, alpha_xC, valid_xC, read: str,
   zeros = jnp.zeros_like(theta_xC)
   eta_xC = zeros if eta_xC is None else eta_xC
   alpha_xC = zeros if alpha_xC is None else alpha_xC
-  if read == "cumulative":
-    return chunk_token_coefficients(-theta_xC, eta_xC, alpha_xC, valid_xC, unfuse_backward)
-  return chunk_end_coefficients(-theta_xC, eta_xC, alpha_xC, valid_xC)
+  coef_fn = chunk_token_coefficients if read == "cumulative" else chunk_end_coefficients
+  return coef_fn(-theta_xC, eta_xC, alpha_xC, valid_xC)
