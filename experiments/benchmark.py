@@ -12,7 +12,9 @@ path on the same inputs (and, for linear memories, implementation="affine"), fwd
 for each (length, head dim, model, read, chunk); rows where the kernel would fall back name the
 reason instead of a time. It then times a whole TNT
 memory (global --global_chunk chunk-start + one local of chunk --kernel_local_chunk, shards of
---shard_length) both ways, and cuDNN causal attention with the same heads.
+--shard_length; one per --tnt_models) both ways, and cuDNN causal attention with the same heads.
+--kernel_profile_top=N also profiles each variant and prints its N costliest GPU kernels, XLA's
+fusions named by shape and JAX op path (tnt_jax/profiling.py).
 
 Layer mode times a whole memory layer (projections, conv, gates, memories, output) for TNT
 (global C_G = --global_chunk, one local of chunk C, shards of --shard_length) against Titans
