@@ -25,7 +25,8 @@ where it fits in shared memory, else with the Pallas reverse kernel (Triton on t
 recomputes with the jnp reference.
 
 Selected by `KernelBlocks(row_lowering="mosaic_gpu")`; `unsupported_reason` says when it cannot
-run an op (ops/api.py then falls back with the reason logged).
+run an op, which then runs on the Pallas row kernel (`chunk_memory.rows_blocks`, the reason
+logged once), or on XLA where that kernel cannot run it either.
 """
 
 from __future__ import annotations
