@@ -502,6 +502,11 @@ def plot(path: str, prefix: str):
     return plot_decode(rows, prefix, plt)
   if FLAGS.mode == "context":
     return plot_context(rows, prefix, plt)
+  if FLAGS.mode == "kernel" and any(r["model"].startswith("tnt") for r in rows):
+    plot_kernel_tnt(rows, prefix, plt)
+    rows = [r for r in rows if not r["model"].startswith("tnt")]
+    if all(r["model"] == "attention" for r in rows):
+      return None
   for pass_name in sorted({r["passes"] for r in rows}):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = sorted({(r["model"], r["read"], r["length"]) for r in rows
@@ -521,6 +526,41 @@ def plot(path: str, prefix: str):
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = f"{prefix}_{pass_name.replace('+', '_')}.png"
+    fig.savefig(out, dpi=120)
+    print("wrote", out)
+
+
+def plot_kernel_tnt(rows, prefix, plt):
+  """Kernel mode's whole-TNT-memory rows: one bar per (length, head dim, memory, rule, path) with
+  cuDNN attention's at the same length and head dim, one figure per pass."""
+  for pass_name in sorted({r["passes"] for r in rows}):
+    times = {}
+    for r in rows:
+      if r["passes"] != pass_name or "seconds" not in r:
+        continue
+      if r["model"] == "attention":
+        label, colour = "cuDNN causal attention", "gray"
+      elif r["model"].startswith("tnt"):
+        label, colour = f"{r['model']} {r['rule']} {r['implementation']}", "C0"
+      else:
+        continue
+      times[(r["length"], r["head_dim"], r["model"] == "attention", label)] = (
+          r["seconds"] * 1e3, colour)                                  # the last row wins
+    if not any(not attention for _, _, attention, _ in times):
+      continue
+    keys = sorted(times)
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(keys) + 1.3))
+    values = [times[key][0] for key in keys]
+    ax.barh(range(len(keys)), values, color=[times[key][1] for key in keys])
+    ax.set_yticks(range(len(keys)),
+                  [f"T={t // 1024}K d={d}  {label}" for t, d, _, label in keys], fontsize=7)
+    ax.invert_yaxis()
+    for i, value in enumerate(values):
+      ax.text(value, i, f" {value:.2f}", va="center", fontsize=7)
+    ax.set(xlabel=f"ms per step (median), {rows[0]['device']}",
+           title=f"a whole TNT memory against attention, {pass_name}")
+    fig.tight_layout()
+    out = f"{prefix}_tnt_{pass_name.replace('+', '_')}.png"
     fig.savefig(out, dpi=120)
     print("wrote", out)
 
