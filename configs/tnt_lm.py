@@ -11,6 +11,9 @@ Argument string (comma-separated key=value; all optional):
   local_chunks  TNT local chunk sizes joined by "+" (e.g. 4+8+16+32, one local memory each)
   stage    1 (default) | 2: TNT stage 2: continue from --config.init_from with local chunks
            `stage2_chunks` (default 1), local memories only, ~5% of stage 1's steps
+  memory   the memory model of TNT's global and local memories and of Titans' memory: mlp (the
+           default: 2 layers, expansion 4) | linear | swiglu, optionally with fields joined by
+           "+", e.g. mlp+expansion=2 (tnt_jax/memory/models.py, MemoryModel.from_spec)
   data     stdlib (default: the Python standard library's source, no download) | a text file
            path or glob (byte level) | tokens:<dir> (shards from experiments/prepare_tokens.py)
 
@@ -29,6 +32,8 @@ Any field can then be overridden: --config.optim.lr=1e-3 --config.model.remat=Tr
 
 from ml_collections import config_dict
 
+from tnt_jax.memory.models import MemoryModel
+
 SIZES = {
     # d_model, layers, heads, seq_len, batch, steps, lr, TNT (C_G, S_L), default local chunk
     "tiny": dict(d_model=64, num_layers=2, num_heads=4, seq_len=128, batch=16, steps=400,
@@ -41,7 +46,8 @@ SIZES = {
 }
 
 
-ARGS = ("size", "mixer", "chunk", "local_chunks", "stage", "data", "stage2_chunks")
+ARGS = ("size", "mixer", "chunk", "local_chunks", "stage", "data", "stage2_chunks", "memory")
+MODEL_FIELDS = {"tnt": ("global_model", "local_model"), "titans": ("model",)}
 
 
 def parse_args(arg: str, allowed=ARGS) -> dict[str, str]:
@@ -78,6 +84,18 @@ def _mixer_options(kinds, size, chunk, local_chunks):
     options[kind]["implementation"] = "xla"
     options[kind]["kernel_blocks"] = "default"
   return options
+
+
+def _set_memory_model(options, spec: str) -> None:
+  """Every TNT / Titans memory's model field set to `spec`, checked here (before any compile)."""
+  MemoryModel.from_spec(spec)
+  kinds = [kind for kind in options if kind in MODEL_FIELDS]
+  if not kinds:
+    raise ValueError(f"memory={spec!r} sets the model of TNT and Titans memories; the mixers "
+                     f"here are {sorted(options) or 'attention only'}")
+  for kind in kinds:
+    for field in MODEL_FIELDS[kind]:
+      options[kind][field] = spec
 
 
 def get_config(arg: str = "") -> config_dict.ConfigDict:
@@ -129,6 +147,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   # the layer kinds that take options: a hybrid's memory (mag:tnt -> tnt), or the kind itself
   layer_kinds = {k.partition(":")[2] or k for k in kinds}
   c.model.mixer_options = _mixer_options(layer_kinds, size, chunk, local_chunks)
+  if "memory" in args:
+    _set_memory_model(c.model.mixer_options, args["memory"])
   c.model.window = min(512, size["seq_len"])
   c.model.tie_embeddings = True
   c.model.dtype = size["dtype"]

@@ -190,6 +190,19 @@ class BadInputTest(absltest.TestCase):
       self.assertEqual(has_tnt_memory(lm_config(config, vocab_size=256)), want, mixer)
     get_config("mixer=mag:tnt,stage=2")   # the config accepts it too
 
+  def test_memory_argument_sets_every_tnt_and_titans_memory(self):
+    from tnt_jax.train.trainer import lm_config
+    lm = lm_config(get_config("mixer=tnt+titans,memory=linear"), vocab_size=256)
+    tnt, titans = (lm.mixer_config(layer).memory_config() for layer in (0, 1))
+    memories = (tnt.global_memory, *(local.memory for local in tnt.local_memories),
+                titans.global_memory)
+    self.assertEqual({memory.model.kind for memory in memories}, {"linear"})
+    self.assertNotIn("global_model", get_config("").model.mixer_options.tnt)  # default as before
+    with self.assertRaisesRegex(ValueError, "kind='lstm' is unknown"):
+      get_config("memory=lstm")
+    with self.assertRaisesRegex(ValueError, "sets the model of TNT and Titans memories"):
+      get_config("mixer=attention,memory=linear")
+
 
 if __name__ == "__main__":
   absltest.main()

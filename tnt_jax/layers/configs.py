@@ -153,6 +153,18 @@ class MemoryLayerConfig:
     return count
 
 
+def _models_from_specs(config, *names) -> None:
+  """Model fields given as strings (a config file's or flag's, e.g. "linear") become
+  MemoryModel.from_spec's model."""
+  for name in names:
+    value = getattr(config, name)
+    if isinstance(value, str):
+      object.__setattr__(config, name, MemoryModel.from_spec(value))
+    elif not isinstance(value, MemoryModel):
+      raise ValueError(f"{name}={value!r} must be a MemoryModel or its spec string "
+                       "(e.g. 'linear', 'mlp+expansion=2')")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TitansLayerConfig(MemoryLayerConfig):
   """Titans' neural long-term memory (LMM): one deep memory, momentum and forgetting."""
@@ -163,6 +175,10 @@ class TitansLayerConfig(MemoryLayerConfig):
   loss: str = "l2"
   read: str = "cumulative"
   max_lr: float = 0.02
+
+  def __post_init__(self):
+    _models_from_specs(self, "model")
+    super().__post_init__()
 
   def memory_config(self) -> TNTConfig:
     return TNTConfig(MemoryConfig(self.model, UpdateRule("titans"), self.loss, self.read,
@@ -236,6 +252,7 @@ class TNTLayerConfig(MemoryLayerConfig):
   memories: TNTConfig | None = None   # set by from_memories; overrides the fields above
 
   def __post_init__(self):
+    _models_from_specs(self, "global_model", "local_model")
     object.__setattr__(self, "local_chunks", tuple(self.local_chunks))
     if isinstance(self.shard_lengths, (list, tuple)):
       object.__setattr__(self, "shard_lengths", tuple(self.shard_lengths))

@@ -40,6 +40,16 @@ def layer_norm(x: Array, scale: Array, offset: Array) -> Array:
   return (x - mean) * jax.lax.rsqrt(var + LAYERNORM_EPS) * scale + offset
 
 
+def _bool(value: str) -> bool:
+  if value.lower() not in ("true", "false", "1", "0"):
+    raise ValueError(value)
+  return value.lower() in ("true", "1")
+
+
+_SPEC_FIELDS = {"depth": (int, "int"), "expansion": (float, "float"), "activation": (str, "str"),
+                "residual_norm": (_bool, "bool"), "bias": (_bool, "bool")}
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryModel:
   """A deep memory model (SPEC §1).
@@ -67,6 +77,26 @@ class MemoryModel:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r} is unknown; expected one of "
                        f"{tuple(ACTIVATIONS)}")
+
+  @classmethod
+  def from_spec(cls, spec: str) -> "MemoryModel":
+    """A model from a string, for flags and config files: the kind, then field=value entries,
+    joined by "+": "linear", "mlp" (2 layers, expansion 4, gelu: Titans'), "mlp+expansion=2",
+    "swiglu+expansion=1". An unknown kind, field or value raises ValueError naming it."""
+    kind, *entries = str(spec).split("+")
+    fields = {}
+    for entry in entries:
+      name, sep, value = entry.partition("=")
+      if not sep or name not in _SPEC_FIELDS:
+        raise ValueError(f"memory model spec {spec!r}: {entry!r} must be field=value with field "
+                         f"in {tuple(_SPEC_FIELDS)}")
+      convert, type_name = _SPEC_FIELDS[name]
+      try:
+        fields[name] = convert(value)
+      except ValueError:
+        raise ValueError(f"memory model spec {spec!r}: {name}={value!r} is not a "
+                         f"{type_name}") from None
+    return cls(kind=kind, **fields)
 
   def hidden_dim(self, head_dim: int) -> int:
     return max(1, int(math.floor(self.expansion * head_dim + 0.5)))   # round half up
