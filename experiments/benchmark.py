@@ -56,8 +56,8 @@ flags.DEFINE_list("head_dims", ["64", "128"], "kernel mode: head dimensions")
 flags.DEFINE_integer("kernel_local_chunk", 16, "kernel mode: the TNT local memory's chunk")
 flags.DEFINE_bool("kernel_tnt", True, "kernel mode: also time a whole TNT memory per length")
 flags.DEFINE_integer("kernel_profile_top", 0, "kernel mode: also profile each variant and "
-                     "print its N kernels with the most device time, each XLA fusion with its shape and "
-                     "JAX op path (0: no profile)")
+                     "print its N kernels with the most device time, each XLA fusion with its "
+                     "shape and JAX op path (0: no profile)")
 flags.DEFINE_list("tnt_models", ["mlp"], "kernel mode: the memory model of the whole TNT "
                   "memory's global and local (one row each: 'tnt' for mlp, 'tnt/<model>' else)")
 flags.DEFINE_list("affine_blocks", ["auto"], "kernel mode: also time implementation='affine' "
@@ -314,7 +314,7 @@ def run_kernel_mode(peak):
     for label, implementation, blocks in paths:
       tnt_model = config if model_name.startswith("tnt") else None
       if implementation == "affine" and (tnt_model or affine.unsupported_reason(config)):
-        continue   # an mlp memory would run the xla path again; the TNT row compares xla and kernels
+        continue   # an mlp memory would run xla again; the TNT row compares xla and kernels
       for pass_name in FLAGS.passes:
         backward = pass_name == "fwd+bwd"
         row = dict(mode="kernel", device=jax.devices()[0].device_kind, model=model_name,
