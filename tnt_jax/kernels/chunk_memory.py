@@ -62,6 +62,7 @@ from tnt_jax.kernels.step_math import LAYOUTS, ChunkLayout
 from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
+from tnt_jax.platform import target_platform
 
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
@@ -1034,7 +1035,7 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   this op (ops/api.py checks `unsupported_reason` first and falls back instead).
   """
   if driver is None:
-    platform = jax.default_backend()
+    platform = target_platform()
     driver = PLATFORM_DRIVER.get(platform, "sequential_grid" if interpret else None)
     if driver is None:
       raise ValueError(f"platform={platform!r} has no compiled Pallas kernel; pass "

@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from tnt_jax.kernels.step_math import act_and_grad
+from tnt_jax.platform import target_device_kind, target_platform
 
 TILE = 64                 # tokens per wgmma tile: one warpgroup's M
 HIDDEN_CHUNK = 128        # hidden units per pass-1 Z accumulator ([64, 128] f32: 64 regs/thread)
@@ -106,10 +107,10 @@ def operand_reason(kernels: str, head_dim: int, dtype) -> str | None:
 
 def hopper_reason(kernels: str) -> str | None:
   """Why this platform cannot compile Mosaic GPU wgmma kernels (None on a Hopper GPU)."""
-  if jax.default_backend() != "gpu":
-    return (f"platform={jax.default_backend()!r}: Mosaic GPU kernels run on NVIDIA Hopper "
+  if target_platform() != "gpu":
+    return (f"platform={target_platform()!r}: Mosaic GPU kernels run on NVIDIA Hopper "
             "GPUs (or interpreted)")
-  kind = jax.devices()[0].device_kind
+  kind = target_device_kind()
   if not any(name in kind for name in ("H100", "H200", "H800")):
     return f"device_kind={kind!r}: the Mosaic GPU {kernels} need a Hopper GPU (wgmma)"
   return None

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tnt_jax.parallel.context import previous_tokens
+from tnt_jax.platform import target_platform
 
 Array = jax.Array
 
@@ -168,7 +169,7 @@ def causal_attention(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, windo
   (jax's XLA attention takes its softmax in float32 even for float64), with a window in blocks
   so that no T x T scores are built."""
   if implementation == "auto":
-    implementation = ("cudnn" if jax.default_backend() == "gpu" and persistent is None
+    implementation = ("cudnn" if target_platform() == "gpu" and persistent is None
                       and q_BxTxHxD.dtype in (jnp.bfloat16, jnp.float16) else "xla")
   if implementation == "cudnn":
     local = None if window is None else (window - 1, 0)

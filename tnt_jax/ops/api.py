@@ -18,7 +18,9 @@ implementation: "reference" (token loop, the oracle) | "xla" (chunkwise-parallel
   | "pallas" (the fused kernel, tnt_jax/kernels/chunk_memory.py, on GPU and TPU; where it
   cannot run this op -- model, rule, dtype, shape or platform -- the xla path runs instead and
   the reason is logged once) | "pallas_interpret" (the same kernel body interpreted, on any
-  backend: for tests).
+  backend: for tests). Under a mesh set with `jax.set_mesh` (the trainer sets its own), the kernel
+  runs in `jax.shard_map` with the batch rows split over the mesh's automatically partitioned
+  axes (`kernel_mesh_axes`): XLA cannot partition a Pallas call itself.
 A length that is not a multiple of chunk_size is fine: the last chunk is shorter.
 """
 
@@ -36,6 +38,7 @@ from tnt_jax.memory.reference import reference_memory
 from tnt_jax.memory.rules import Gates, MemoryState
 from tnt_jax.ops import affine
 from tnt_jax.ops.chunkwise import chunkwise_memory
+from tnt_jax.platform import target_platform
 
 Array = jax.Array
 IMPLEMENTATIONS = ("reference", "xla", "affine", "pallas", "pallas_interpret")
@@ -134,8 +137,11 @@ def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates
     reason = kernel_fallback_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, interpret,
                                     blocks)
     if reason is None:
-      return chunk_memory.kernel_memory(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
-                                        interpret=interpret, blocks=blocks)
+      reason = _mesh_split_reason(q_BxTxHxD.shape[0])
+    if reason is None:
+      kernel = functools.partial(chunk_memory.kernel_memory, config=config, interpret=interpret,
+                                 blocks=blocks)
+      return _rows_per_device(kernel, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state)
     _log_fallback(implementation, reason)
   if implementation == "affine":
     reason = affine.unsupported_reason(config)
@@ -149,13 +155,51 @@ def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates
 def kernel_fallback_reason(config: MemoryConfig, head_dim: int, dtype, interpret: bool,
                            blocks: chunk_memory.KernelBlocks | None = None) -> str | None:
   """Why implementation="pallas" would run the xla path for this op (None: the kernel runs)."""
-  platform = jax.default_backend()
+  platform = target_platform()
   driver = chunk_memory.PLATFORM_DRIVER.get(platform)
   if driver is None and not interpret:
     return f"platform={platform!r} has no compiled Pallas kernel (GPU and TPU do)"
   return chunk_memory.unsupported_reason(config, head_dim, dtype,
                                          driver=driver or "sequential_grid", interpret=interpret,
                                          blocks=blocks or chunk_memory.KernelBlocks())
+
+
+def kernel_mesh_axes() -> tuple[str, ...]:
+  """The axes of the current mesh (`jax.set_mesh`) that XLA partitions automatically and that
+  have more than one device: the kernel's batch rows are split over them. Axes already manual
+  (inside a shard_map, e.g. context parallelism's) are left alone."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(name for name in mesh.axis_names
+               if mesh.shape[name] > 1 and name not in mesh.manual_axes)
+
+
+def _mesh_split_reason(batch: int) -> str | None:
+  axes = kernel_mesh_axes()
+  if not axes:
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  devices = 1
+  for name in axes:
+    devices *= mesh.shape[name]
+  if batch % devices:
+    return (f"the op's {batch} batch rows do not split over mesh axes {axes} ({devices} "
+            "devices); the kernel runs each device's rows in shard_map")
+  return None
+
+
+def _rows_per_device(kernel, q, k, v, gates, state):
+  """kernel(q, k, v, gates, state) with every leaf's leading (batch) axis split over
+  `kernel_mesh_axes()`: a Pallas call is opaque to XLA's partitioner (Mosaic TPU refuses to
+  partition it; a GPU custom call would run whole on every device), and its rows are
+  independent, so each device runs the kernel on its own rows."""
+  axes = kernel_mesh_axes()
+  if not axes:
+    return kernel(q, k, v, gates, state)
+  rows = jax.sharding.PartitionSpec(axes)       # a prefix: every leaf of each argument
+  return jax.shard_map(kernel, in_specs=(rows,) * 5, out_specs=rows, axis_names=set(axes),
+                       check_vma=False)(q, k, v, gates, state)
 
 
 @functools.lru_cache(maxsize=None)

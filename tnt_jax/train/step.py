@@ -34,10 +34,15 @@ def token_losses(model: ModelFunctions, params, batch, with_correct: bool = Fals
                  mesh: jax.sharding.Mesh | None = None):
   """Summed next-token cross-entropy (nats) and the number of scored tokens [and how many of
   them the argmax predicts]. With a mesh whose `context` axis has more than one device, the
-  model runs context-parallel (tnt_jax/parallel/context.py) under shard_map."""
-  if mesh is not None and mesh.shape.get("context", 1) > 1:
+  model runs context-parallel (tnt_jax/parallel/context.py) under shard_map. Otherwise the mesh
+  is the trace's abstract mesh, so the memory ops' Pallas kernels run on each device's rows
+  (ops/api.py: XLA cannot partition a kernel call)."""
+  if mesh is None:
+    return _losses(model.apply(params, batch["inputs"]), batch, with_correct)
+  if mesh.shape.get("context", 1) > 1:
     return _context_parallel_losses(model, params, batch, with_correct, mesh)
-  return _losses(model.apply(params, batch["inputs"]), batch, with_correct)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return _losses(model.apply(params, batch["inputs"]), batch, with_correct)
 
 
 def _context_parallel_losses(model, params, batch, with_correct, mesh):

@@ -14,12 +14,13 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tnt_jax import data
@@ -166,6 +167,44 @@ def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys}
 
 
+class TrainParts(NamedTuple):
+  abstract_model: LanguageModel
+  model: ModelFunctions
+  optimizer: optax.GradientTransformation
+  init_state: Callable[[], dict]       # the fresh training state (jit it with state_shardings)
+  state_shardings: Any
+  abstract_state: Any                  # ShapeDtypeStructs carrying state_shardings
+  train_step: Callable                 # jitted (state, batch) -> (state, metrics)
+
+
+def train_parts(config, model_config: LMConfig, mesh: jax.sharding.Mesh, trainable=None
+                ) -> TrainParts:
+  """Everything the training step is compiled from, built abstractly (no array is allocated):
+  the train loop materialises the state with its shardings; experiments/tpu_compile.py compiles
+  the step for a TPU topology on any host."""
+  abstract_model = nnx.eval_shape(lambda: LanguageModel(model_config,
+                                                        rngs=nnx.Rngs(config.seed)))
+  model = ModelFunctions(abstract_model)
+  optimizer = make_optimizer(config.optim, config.steps, model.initial_params(), trainable)
+
+  def init_state():
+    params = nnx.to_pure_dict(nnx.state(LanguageModel(model_config, rngs=nnx.Rngs(config.seed)),
+                                        nnx.Param))
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32)}
+
+  state_shardings = jax.tree.map(
+      lambda x: mesh_lib.param_sharding(x.shape, mesh) if x.ndim else NamedSharding(mesh, P()),
+      jax.eval_shape(init_state))
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(init_state), state_shardings)
+  train_step = jax.jit(make_train_step(model, optimizer, mesh), donate_argnums=0,
+                       in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+                       out_shardings=(state_shardings, NamedSharding(mesh, P())))
+  return TrainParts(abstract_model, model, optimizer, init_state, state_shardings,
+                    abstract_state, train_step)
+
+
 def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = None
                        ) -> dict[str, Any]:
   """Train per `config` (see configs/tnt_lm.py) in `workdir`; returns the final metrics.
@@ -200,26 +239,10 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
                        f"pattern {model_config.pattern} has none")
     trainable = lambda path, leaf: is_local_memory_param(path)
 
-  # Build abstractly, then materialise every array directly with its sharding.
-  abstract_model = nnx.eval_shape(lambda: LanguageModel(model_config,
-                                                        rngs=nnx.Rngs(config.seed)))
-  model = ModelFunctions(abstract_model)
-  abstract_params = model.initial_params()
-  optimizer = make_optimizer(config.optim, config.steps, abstract_params, trainable)
-  shard = lambda tree: jax.tree.map(
-      lambda x: mesh_lib.param_sharding(x.shape, mesh) if x.ndim else
-      NamedSharding(mesh, P()), tree)
-
-  def init_state():
-    params = nnx.to_pure_dict(nnx.state(LanguageModel(model_config, rngs=nnx.Rngs(config.seed)),
-                                        nnx.Param))
-    return {"params": params, "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32)}
-
-  abstract_state = jax.eval_shape(init_state)
-  state_shardings = shard(abstract_state)
-  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                abstract_state, state_shardings)
+  parts = train_parts(config, model_config, mesh, trainable)
+  abstract_model, model = parts.abstract_model, parts.model
+  init_state, state_shardings = parts.init_state, parts.state_shardings
+  abstract_state, train_step = parts.abstract_state, parts.train_step
 
   train_iter = data.make_lm_iterator(data_cfg, "train", shard_index=jax.process_index(),
                                      shard_count=jax.process_count())
@@ -243,9 +266,6 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   start = int(jax.device_get(state["step"]))
 
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, optimizer, mesh), donate_argnums=0,
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, NamedSharding(mesh, P())))
   eval_step = jax.jit(make_eval_step(model, mesh))
   metadata = {"config": config.to_dict(), "model_pattern": list(model_config.pattern)}
   writer = MetricWriter(os.path.join(workdir, "logs"), enabled=jax.process_index() == 0)

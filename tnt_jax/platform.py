@@ -1,0 +1,28 @@
+"""The platform a computation is traced for, which need not be the host's.
+
+Every choice that depends on the accelerator (which Pallas driver, whether Mosaic GPU's wgmma
+kernels apply, cuDNN attention) asks here rather than `jax.default_backend()`, so that an
+abstract device set with `jax.sharding.use_abstract_mesh` retargets all of them at once. That is
+how a model is lowered for a TPU on a CPU host (`jax.export(..., platforms=["tpu"])` inside
+`use_abstract_mesh(AbstractMesh(..., abstract_device=AbstractDevice("TPU v5 lite", 1, "tpu")))`):
+the kernels are then traced with the TPU driver, as on the TPU itself. Without an abstract
+device both answers are the default device's.
+"""
+
+import jax
+
+
+def _abstract_device():
+  return jax.sharding.get_abstract_mesh().abstract_device
+
+
+def target_platform() -> str:
+  """"cpu", "gpu" or "tpu": the abstract mesh's device platform, else the default backend."""
+  device = _abstract_device()
+  return device.platform if device is not None else jax.default_backend()
+
+
+def target_device_kind() -> str:
+  """The target device's kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...)."""
+  device = _abstract_device()
+  return device.device_kind if device is not None else jax.devices()[0].device_kind
