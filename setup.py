@@ -20,5 +20,10 @@ setup(
         "numpy",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        # jax[tpu] brings libtpu, which compiles the kernels for TPUs on any host (tnt_jax/aot.py).
+        "test": ["pytest", "pytest-xdist",
+                 "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        "tpu": ["jax[tpu]"],
+    },
 )

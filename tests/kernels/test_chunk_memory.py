@@ -364,6 +364,46 @@ class ChunkMemoryKernelTPUInterpretTest(ChunkMemoryKernelTest):
     return pltpu.InterpretParams()
 
 
+class KernelUnderAMeshTest(parameterized.TestCase):
+  """Under a mesh (jax.set_mesh) the kernel runs in shard_map on each device's batch rows
+  (XLA cannot partition a Pallas call; test_tpu_compile.py shows Mosaic TPU refusing it).
+  On the 4 simulated CPU devices (tests/conftest.py), interpreted."""
+
+  def test_per_device_rows_equal_the_unsplit_op(self):
+    if jax.device_count() < 4:
+      self.skipTest("needs 4 devices")
+    config = _config("mlp", "titans_cumulative")
+    base = _inputs(config, 64, jnp.float32, 21)
+    # 4 distinct batch rows, so a row sent to the wrong device would show.
+    args = jax.tree.map(lambda x: jnp.concatenate([x * (1 + 0.1 * i) for i in range(4)]), base)
+    op = lambda impl: lambda a: _outputs_and_vjp(
+        lambda *x: memory_op(*x, {}, config, implementation=impl), a, 3)
+    want = jax.jit(op("xla"))(args)
+    mesh = jax.make_mesh((2, 2), ("data", "fsdp"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh):
+      self.assertEqual(api.kernel_mesh_axes(), ("data", "fsdp"))
+      self.assertIn("shard_map", str(jax.make_jaxpr(op("pallas_interpret"))(args)))
+      got = jax.jit(op("pallas_interpret"))(args)
+    assert_trees_rel_close(self, got, want, 1e-5, "outputs, state and gradients")
+
+  def test_rows_that_do_not_split_run_the_xla_path(self):
+    if jax.device_count() < 4:
+      self.skipTest("needs 4 devices")
+    config = _config("linear", "gd_cumulative")
+    args = _inputs(config, 64, jnp.float32, 22)      # batch 1 over 4 devices
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+      fn = lambda a: memory_op(*a, {}, config, implementation="pallas_interpret")
+      with self.assertLogs(level="WARNING") as logs:
+        jaxpr = str(jax.make_jaxpr(fn)(args))
+      got = jax.jit(fn)(args)
+    self.assertIn("1 batch rows do not split over mesh axes ('data',)", "".join(logs.output))
+    self.assertNotIn("pallas_call", jaxpr)
+    want = memory_op(*args, {}, config, implementation="xla")
+    assert_trees_rel_close(self, got, want, 1e-6, "fallback")
+
+
 class KernelErrorsTest(parameterized.TestCase):
 
   def test_unsupported_ops_raise_naming_the_reason(self):

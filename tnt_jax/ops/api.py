@@ -197,8 +197,12 @@ def _rows_per_device(kernel, q, k, v, gates, state):
   axes = kernel_mesh_axes()
   if not axes:
     return kernel(q, k, v, gates, state)
+  mesh = jax.sharding.get_abstract_mesh()
   rows = jax.sharding.PartitionSpec(axes)       # a prefix: every leaf of each argument
-  return jax.shard_map(kernel, in_specs=(rows,) * 5, out_specs=rows, axis_names=set(axes),
+  # Every axis not already manual goes manual, size-1 ones too: Mosaic TPU refuses a kernel
+  # under any automatically partitioned axis.
+  manual = set(mesh.axis_names) - set(mesh.manual_axes)
+  return jax.shard_map(kernel, in_specs=(rows,) * 5, out_specs=rows, axis_names=manual,
                        check_vma=False)(q, k, v, gates, state)
 
 
