@@ -215,7 +215,7 @@ class MosaicRowsRulesTest(parameterized.TestCase):
                                                                     reverse_lowering="mosaic_gpu",
                                                                     save_every=2))
       self.assertIsNotNone(reason)
-      self.assertEqual(blocks, KernelBlocks(save_every=2))
+      self.assertEqual(blocks, KernelBlocks(save_every=2, row_lowering="pallas"))
       self.assertIsNone(chunk_memory.unsupported_reason(
           config, head_dim, jnp.bfloat16, driver="chunk_loop", interpret=True, blocks=MOSAIC))
     self.assertEqual(chunk_memory.rows_blocks(_config(), 64, jnp.bfloat16, driver="chunk_loop",
@@ -224,6 +224,36 @@ class MosaicRowsRulesTest(parameterized.TestCase):
     self.assertIn("max_chunk_activations", chunk_memory.unsupported_reason(
         _config(chunk=100), 64, jnp.bfloat16, driver="chunk_loop", interpret=False,
         blocks=MOSAIC))
+
+  def test_auto_picks_mosaic_where_it_was_measured_faster(self):
+    """row_lowering="auto" (the default) on a simulated H100 and A100 (an abstract device, as
+    tnt_jax/platform.py reads it): Mosaic GPU for a linear memory's cumulative read where that
+    kernel takes the op, the Pallas row kernel elsewhere, with no reason reported."""
+    def lowering(config, device_kind, dtype=jnp.bfloat16, interpret=False, **blocks):
+      device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None,
+                                           platform="gpu")
+      mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+      with jax.sharding.use_abstract_mesh(mesh):
+        chosen, reason = chunk_memory.rows_blocks(config, 64, dtype, driver="chunk_loop",
+                                                  interpret=interpret,
+                                                  blocks=KernelBlocks(**blocks))
+      self.assertIsNone(reason)
+      return chosen.row_lowering
+
+    h100, a100 = "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"
+    self.assertEqual(KernelBlocks().row_lowering, "auto")
+    self.assertEqual(lowering(_config(), h100), "mosaic_gpu")
+    self.assertEqual(lowering(_config("gd"), h100), "mosaic_gpu")
+    self.assertEqual(lowering(_config("gd", "chunk_start"), h100), "pallas")
+    self.assertEqual(lowering(_config(model=MemoryModel("mlp", expansion=1.0)), h100), "pallas")
+    self.assertEqual(lowering(_config(), h100, dtype=jnp.float32), "pallas")   # Mosaic refuses
+    self.assertEqual(lowering(_config(), h100, layout="tokens"), "pallas")
+    self.assertEqual(lowering(_config(), h100, interpret=True), "pallas")
+    self.assertEqual(lowering(_config(), a100), "pallas")
+    if jax.default_backend() == "cpu":    # no abstract device: this host's platform decides
+      self.assertEqual(chunk_memory.rows_blocks(
+          _config(), 64, jnp.bfloat16, driver="chunk_loop", interpret=False,
+          blocks=KernelBlocks())[0].row_lowering, "pallas")
 
   def test_supported(self):
     self.assertIsNone(self._reason(_config()))

@@ -68,6 +68,7 @@ Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
 BACKWARDS = ("fused", "xla")
 LOWERINGS = ("pallas", "mosaic_gpu")    # KernelBlocks.row_lowering / tile_lowering
+ROW_LOWERINGS = ("auto",) + LOWERINGS
 TILE_LOWERINGS = LOWERINGS
 # The driver each platform compiles; elsewhere only interpret mode runs the kernel.
 PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
@@ -115,7 +116,11 @@ class KernelBlocks:
     through Pallas' Mosaic GPU lowering (bf16, linear and 2-layer mlp memories; interpreted
     on other platforms only when interpret is set); `tile` is then rounded up to a multiple of
     its 64-token wgmma tile and sets each program's token split.
-  row_lowering: which kernel runs the row forward. "pallas": the chunk loop above (Triton on the
+  row_lowering: which kernel runs the row forward. "auto" (the default): "mosaic_gpu" where it
+    was measured faster -- a linear memory with the cumulative read, compiled on a Hopper GPU
+    (H100, 32K tokens, fwd+bwd: Titans C = 16 1.5x Triton's, gd 1.3x, a TNT memory's local
+    1.1x; docs/kernel_notes.md v13-v14) -- and where that kernel takes the op; "pallas"
+    elsewhere, without a log line. "pallas": the chunk loop above (Triton on the
     GPU, Mosaic TPU, or interpreted). "mosaic_gpu": kernels/chunk_rows_mgpu.py, Hopper wgmma
     through Pallas' Mosaic GPU lowering (bf16 linear memories in the "features" layout, chunks
     padded to 16, 32 or 64; interpreted elsewhere when interpret is set). Its fused backward
@@ -139,17 +144,17 @@ class KernelBlocks:
   layout: str | None = None
   tile: int = 0
   tile_lowering: str = "pallas"
-  row_lowering: str = "pallas"
+  row_lowering: str = "auto"
   reverse_lowering: str = ""
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
       raise ValueError(f"KernelBlocks.backward={self.backward!r} is unknown; expected one of "
                        f"{BACKWARDS}")
-    for name in ("tile_lowering", "row_lowering"):
-      if getattr(self, name) not in LOWERINGS:
+    for name, allowed in (("tile_lowering", LOWERINGS), ("row_lowering", ROW_LOWERINGS)):
+      if getattr(self, name) not in allowed:
         raise ValueError(f"KernelBlocks.{name}={getattr(self, name)!r} is unknown; expected one "
-                         f"of {LOWERINGS}")
+                         f"of {allowed}")
     if self.reverse_lowering not in ("",) + LOWERINGS:
       raise ValueError(f"KernelBlocks.reverse_lowering={self.reverse_lowering!r} is unknown; "
                        f"expected '' (row_lowering's) or one of {LOWERINGS}")
@@ -247,7 +252,14 @@ def rows_blocks(config: MemoryConfig, head_dim: int, dtype, *, driver: str, inte
                 blocks: KernelBlocks) -> tuple[KernelBlocks, str | None]:
   """The blocks the row kernel runs this op with, and why the Mosaic GPU row kernel does not
   take it (None where it does or was not asked for): row_lowering="mosaic_gpu" stays where
-  that kernel takes the op; elsewhere row_lowering becomes "pallas" (the reverse walk with it)."""
+  that kernel takes the op; elsewhere row_lowering becomes "pallas" (the reverse walk with it).
+  "auto" resolves here (see KernelBlocks), and its refusals are not reported."""
+  if blocks.row_lowering == "auto":
+    choice = "mosaic_gpu" if _mosaic_rows_measured_faster(config, driver, interpret,
+                                                          blocks) else "pallas"
+    blocks, reason = rows_blocks(config, head_dim, dtype, driver=driver, interpret=interpret,
+                                 blocks=dataclasses.replace(blocks, row_lowering=choice))
+    return blocks, None
   if blocks.row_lowering != "mosaic_gpu" or uses_tiles(config, head_dim, driver, blocks):
     return blocks, None
   from tnt_jax.kernels import chunk_rows_mgpu
@@ -257,6 +269,19 @@ def rows_blocks(config: MemoryConfig, head_dim: int, dtype, *, driver: str, inte
   if reason is None:
     return blocks, None
   return dataclasses.replace(blocks, row_lowering="pallas", reverse_lowering=""), reason
+
+
+def _mosaic_rows_measured_faster(config: MemoryConfig, driver: str, interpret: bool,
+                                 blocks: KernelBlocks) -> bool:
+  """Where row_lowering="auto" picks the Mosaic GPU row kernel: compiled on a Hopper GPU, a
+  linear memory with the cumulative read (the chunk-start read at C = 16 was 5% slower there:
+  docs/kernel_notes.md v13), in the layout that kernel runs."""
+  if interpret or driver != "chunk_loop" or blocks.layout == "tokens" or blocks.hidden_slice:
+    return False
+  if config.model.kind != "linear" or config.read != "cumulative":
+    return False
+  from tnt_jax.kernels.chunk_start_mgpu import hopper_reason
+  return hopper_reason("row kernels") is None
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,10 +322,10 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
   if tiled and blocks.tile_lowering == "mosaic_gpu":
     from tnt_jax.kernels import chunk_start_mgpu
     return chunk_start_mgpu.unsupported_reason(model, head_dim, dtype, compiled=not interpret)
-  if not tiled and blocks.row_lowering == "mosaic_gpu":
-    blocks, mosaic_reason = rows_blocks(config, head_dim, dtype, driver=driver,
-                                        interpret=interpret, blocks=blocks)
-    if mosaic_reason is None:
+  if not tiled:
+    blocks, _ = rows_blocks(config, head_dim, dtype, driver=driver, interpret=interpret,
+                            blocks=blocks)
+    if blocks.row_lowering == "mosaic_gpu":
       return None        # the backward runs the Pallas reverse kernel where its walk does not fit
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
