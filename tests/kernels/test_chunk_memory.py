@@ -102,6 +102,26 @@ def row_op_and_reference(config, fields, **static_kw):
   return kernel, reference
 
 
+def tnt_case(length, head_dim, dtype):
+  """A TNT memory (mlp global chunk_start 32 + an mlp local of shards 32 and a linear gd local
+  with the dot loss of shards 48, Q-K projection) and tnt_op's arguments for it."""
+  glob = MemoryConfig(MODELS["mlp"], UpdateRule("titans"), "l2", "chunk_start", 32)
+  locals_ = (LocalMemory(_config("mlp", "titans_cumulative"), shard_length=32),
+             LocalMemory(MemoryConfig(MODELS["linear"], UpdateRule("gd"), "dot",
+                                      "cumulative", 16), shard_length=48))
+  key = jax.random.key(5)
+  q, k, v, g0, state, _ = random_inputs(glob, key, batch=1, length=length, heads=2,
+                                        head_dim=head_dim, dtype=dtype)
+  gates, inits = [g0], []
+  for i, local in enumerate(locals_):
+    _, _, _, g, s, _ = random_inputs(local.memory, jax.random.fold_in(key, i), batch=1,
+                                     length=length, heads=2, head_dim=head_dim, dtype=dtype)
+    gates.append(g)
+    inits.append(jax.tree.map(lambda w: w[0], s.weights))
+  args = (q, k, v, tuple(gates), state, tuple(inits), ({}, {}, {}))
+  return TNTConfig(glob, locals_, qk_projection=True), args
+
+
 def _seed(*names):
   return zlib.crc32("/".join(map(str, names)).encode()) % 100_000
 
@@ -327,21 +347,7 @@ class ChunkMemoryKernelInterpretTest(ChunkMemoryKernelTest):
 
   def test_tnt_op_with_kernel_memories(self):
     """A TNT memory (global chunk_start + two locals with shard resets) through the kernel."""
-    glob = MemoryConfig(MODELS["mlp"], UpdateRule("titans"), "l2", "chunk_start", 32)
-    locals_ = (LocalMemory(_config("mlp", "titans_cumulative"), shard_length=32),
-               LocalMemory(MemoryConfig(MODELS["linear"], UpdateRule("gd"), "dot",
-                                        "cumulative", 16), shard_length=48))
-    config = TNTConfig(glob, locals_, qk_projection=True)
-    key = jax.random.key(5)
-    q, k, v, g0, state, slow = random_inputs(glob, key, batch=1, length=70, heads=2,
-                                             head_dim=64, dtype=jnp.float64)
-    gates, inits = [g0], []
-    for i, local in enumerate(locals_):
-      _, _, _, g, s, _ = random_inputs(local.memory, jax.random.fold_in(key, i), batch=1,
-                                       length=70, heads=2, head_dim=64, dtype=jnp.float64)
-      gates.append(g)
-      inits.append(jax.tree.map(lambda w: w[0], s.weights))
-    args = (q, k, v, tuple(gates), state, tuple(inits), ({}, {}, {}))
+    config, args = tnt_case(length=70, head_dim=64, dtype=jnp.float64)
     run = lambda impl: jax.jit(lambda a: outputs_and_vjp(
         lambda *x: tnt_op(*x, config, implementation=impl), a))(args)
     (out, st), grads = run("pallas_interpret")

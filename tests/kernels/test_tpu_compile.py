@@ -8,20 +8,21 @@ forward and backward. Nothing runs. Skipped where libtpu is not installed (the t
 installs it on Linux x86-64).
 """
 
+import dataclasses
+
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.tnt_lm import get_config
-from tests.helpers import random_inputs
-from tests.kernels.test_chunk_memory import MODELS, RULE_READS, _config, _inputs
+from tests.kernels.test_chunk_memory import MODELS, RULE_READS, _config, _inputs, tnt_case
 from tnt_jax import aot
 from tnt_jax.kernels import chunk_memory
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
-from tnt_jax.ops.tnt import LocalMemory, TNTConfig, tnt_op
+from tnt_jax.ops.tnt import tnt_op
 
 TOPOLOGY = "v5e:2x2"
 
@@ -92,24 +93,27 @@ class TPUCompileTest(parameterized.TestCase):
     self._check_kernel_grad(config, _inputs(config, 64, jnp.bfloat16, 4, length=128),
                             KernelBlocks(tile=32, max_chunk_activations=512))
 
+  @parameterized.parameters("v4:2x2x1", "v5p:2x2x1")
+  def test_the_tpu_state_budget_fits_vmem(self, topology):
+    """The TPU driver's budgets (chunk_memory.DRIVER_BUDGETS) take the Titans mlp at d = 128
+    with hidden 512 (a 1 MiB float32 state; the GPU's budget refuses it) and compile within
+    the 16 MiB of scoped VMEM of v4 and v5p, float32 included; twice that state is refused."""
+    config = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("titans"), "l2",
+                          "cumulative", 16)
+    reason = lambda driver, model=config.model: chunk_memory.unsupported_reason(
+        dataclasses.replace(config, model=model), 128, jnp.float32, driver=driver,
+        interpret=False)
+    self.assertIsNone(reason("sequential_grid"))
+    self.assertIn("max_state_bytes=262144", reason("chunk_loop"))
+    self.assertIn("2097152 bytes > KernelBlocks.max_state_bytes=1048576",
+                  reason("sequential_grid", model=MemoryModel("mlp", expansion=8.0)))
+    self._check_kernel_grad(config, _inputs(config, 128, jnp.float32, 7, length=48),
+                            topology=topology)
+
   def test_tnt_op_through_the_api(self):
     """implementation="pallas" picks the TPU driver from the mesh's devices (the host is not a
     TPU) for the global memory and both locals."""
-    glob = MemoryConfig(MODELS["mlp"], UpdateRule("titans"), "l2", "chunk_start", 32)
-    locals_ = (LocalMemory(_config("mlp", "titans_cumulative"), shard_length=32),
-               LocalMemory(MemoryConfig(MODELS["linear"], UpdateRule("gd"), "dot",
-                                        "cumulative", 16), shard_length=48))
-    config = TNTConfig(glob, locals_, qk_projection=True)
-    key = jax.random.key(5)
-    q, k, v, g0, state, _ = random_inputs(glob, key, batch=1, length=96, heads=2, head_dim=128,
-                                          dtype=jnp.bfloat16)
-    gates, inits = [g0], []
-    for i, local in enumerate(locals_):
-      _, _, _, g, s, _ = random_inputs(local.memory, jax.random.fold_in(key, i), batch=1,
-                                       length=96, heads=2, head_dim=128, dtype=jnp.bfloat16)
-      gates.append(g)
-      inits.append(jax.tree.map(lambda w: w[0], s.weights))
-    args = (q, k, v, tuple(gates), state, tuple(inits), ({}, {}, {}))
+    config, args = tnt_case(length=96, head_dim=128, dtype=jnp.bfloat16)
     tnt = lambda *a: tnt_op(*a, config, implementation="pallas")
     compiled = self._compile(jax.grad(_loss_of_outputs(tnt)), args)
     self.assertGreaterEqual(aot.kernel_calls(compiled), 6)   # 3 memories, forward + backward

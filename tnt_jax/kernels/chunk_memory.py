@@ -72,6 +72,12 @@ ROW_LOWERINGS = ("auto",) + LOWERINGS
 TILE_LOWERINGS = LOWERINGS
 # The driver each platform compiles; elsewhere only interpret mode runs the kernel.
 PLATFORM_DRIVER = {"tpu": "sequential_grid", "gpu": "chunk_loop"}
+# Each driver's (max_state_bytes, max_chunk_activations) where KernelBlocks leaves them None.
+# GPU: an H100's register file (measured, docs/kernel_notes.md v1-v6). TPU: what libtpu compiles
+# within the 16 MiB of scoped VMEM of v4 and v5p (the Titans mlp at d = 128 with hidden 512, a
+# 1 MiB state, in float32 and bf16; twice that state runs out of VMEM: docs/kernel.md, TPU).
+# No speed was measured on a TPU.
+DRIVER_BUDGETS = {"chunk_loop": (256 * 1024, 4096), "sequential_grid": (1024 * 1024, 8192)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +88,7 @@ class KernelBlocks:
     for an mlp (measured on an H100, docs/kernel_notes.md). backward_num_warps: the reverse
     kernel's (None: num_warps).
   max_state_bytes: the largest per-row float32 state (weights + momentum) the kernel accepts;
-    larger states spill out of registers / VMEM.
+    larger states spill out of registers / VMEM. None: the driver's (DRIVER_BUDGETS).
   backward: "fused" (a reverse kernel over the chunk-start states the forward saved) or "xla"
     (recompute with the jnp reference and take its vjp; version 1, kept for comparison).
   save_every: the fused backward's checkpoint spacing. The forward saves the state at the start
@@ -101,7 +107,8 @@ class KernelBlocks:
     carried-state step only (hidden_slice must be 0). None picks "features" for a linear memory
     on the GPU driver and "tokens" otherwise (measured on an H100: the linear forward 1.24x
     faster in "features", the mlp's 1.2x slower; docs/kernel_notes.md v6).
-  max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold. A
+  max_chunk_activations: the largest C x (widest layer) a compiled chunk step may hold (None:
+    the driver's, DRIVER_BUDGETS). A
     chunk's activations and scores live in registers; past this XLA's batched matmuls win
     (measured on an H100: an mlp with hidden 256 is 1.6x faster than XLA at C = 16 and 3x slower
     at C = 64; docs/kernel_notes.md).
@@ -135,8 +142,8 @@ class KernelBlocks:
   """
   num_warps: int | None = None
   num_stages: int = 1
-  max_state_bytes: int = 256 * 1024
-  max_chunk_activations: int = 4096
+  max_state_bytes: int | None = None
+  max_chunk_activations: int | None = None
   backward: str = "fused"
   save_every: int | None = None
   backward_num_warps: int | None = None
@@ -167,7 +174,7 @@ class KernelBlocks:
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
                  "save_every", "backward_num_warps"):   # hidden_slice, tile: below
       value = getattr(self, name)
-      if name in ("num_warps", "save_every", "backward_num_warps") and value is None:
+      if value is None and name != "num_stages":
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"KernelBlocks.{name}={value!r} must be an integer >= 1")
@@ -216,6 +223,14 @@ class KernelBlocks:
       return "features"
     measured = model_kind == "linear" and driver == "chunk_loop" and not self.hidden_slice
     return "features" if measured else "tokens"
+
+  def state_budget(self, driver: str) -> int:
+    """max_state_bytes, or the driver's default."""
+    return self.max_state_bytes or DRIVER_BUDGETS[driver][0]
+
+  def activation_budget(self, driver: str) -> int:
+    """max_chunk_activations, or the driver's default."""
+    return self.max_chunk_activations or DRIVER_BUDGETS[driver][1]
 
   def checkpoint_spacing(self, num_chunks: int) -> int:
     """Chunks per saved state for a row of num_chunks chunks (>= 1)."""
@@ -297,7 +312,7 @@ def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelB
   if config.read != "chunk_start" or not blocks.tile:
     return False
   widest = max(max(shape) for shape in config.model.layer_shapes(head_dim).values())
-  return kernel_chunk(config.chunk_size, driver) * widest > blocks.max_chunk_activations
+  return kernel_chunk(config.chunk_size, driver) * widest > blocks.activation_budget(driver)
 
 
 def sliced_width(model, head_dim: int, blocks: KernelBlocks) -> int:
@@ -337,24 +352,26 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
   what = f"state of a {width}-unit hidden slice" if width else "per-row state"
   state_bytes = sum(o * i for o, i in shapes.values()) * 4
   state_bytes *= 2 if rule.has_momentum else 1
-  if state_bytes > blocks.max_state_bytes:
+  state_budget, activation_budget = blocks.state_budget(driver), blocks.activation_budget(driver)
+  if state_bytes > state_budget:
     return (f"the {what} is {state_bytes} bytes > KernelBlocks.max_state_bytes="
-            f"{blocks.max_state_bytes} (head_dim={head_dim}, expansion={model.expansion})")
+            f"{state_budget} (head_dim={head_dim}, expansion={model.expansion})")
   if not interpret:
     # float32 operands take twice a bf16 operand's on-chip staging; measured on an H100, a
     # 128 KiB titans state in float32 asks for 241 KiB of shared memory (> 227 KiB).
-    f32_limit = blocks.max_state_bytes // 4
-    if jnp.dtype(dtype) == jnp.dtype(jnp.float32) and state_bytes > f32_limit:
+    f32_limit = state_budget // 4
+    if (driver == "chunk_loop" and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+        and state_bytes > f32_limit):
       return (f"the {what} is {state_bytes} bytes > {f32_limit} "
               "(KernelBlocks.max_state_bytes / 4 for float32 compute)")
     widest = max(max(shape) for shape in shapes.values())
     chunk = kernel_chunk(config.chunk_size, driver)
-    if not tiled and chunk * widest > blocks.max_chunk_activations:
+    if not tiled and chunk * widest > activation_budget:
       padded = f" (padded from {config.chunk_size})" if chunk != config.chunk_size else ""
       opt_in = (" KernelBlocks.tile > 0 runs it on the tile kernel, measured no faster"
                 if config.read == "chunk_start" else "")
       return (f"chunk_size={chunk}{padded} x widest layer {widest} > KernelBlocks."
-              f"max_chunk_activations={blocks.max_chunk_activations} (large chunks are XLA's "
+              f"max_chunk_activations={activation_budget} (large chunks are XLA's "
               f"batched matmuls;{opt_in or ' the row kernel holds a chunk in registers'})")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
