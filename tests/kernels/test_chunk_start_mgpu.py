@@ -18,7 +18,8 @@ from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
 
-MOSAIC = KernelBlocks(tile=64, tile_lowering="mosaic_gpu")
+# The GPU driver's activation limit, also where the CPU interprets with the TPU driver's.
+MOSAIC = KernelBlocks(tile=64, tile_lowering="mosaic_gpu", max_chunk_activations=4096)
 
 
 class MosaicTileTest(KernelTestCase):
