@@ -192,8 +192,8 @@ def _mesh_split_reason(batch: int) -> str | None:
 def _rows_per_device(kernel, q, k, v, gates, state):
   """kernel(q, k, v, gates, state) with every leaf's leading (batch) axis split over
   `kernel_mesh_axes()`: a Pallas call is opaque to XLA's partitioner (Mosaic TPU refuses to
-  partition it; a GPU custom call would run whole on every device), and its rows are
-  independent, so each device runs the kernel on its own rows."""
+  be partitioned; a GPU kernel call is a custom call the partitioner does not know how to
+  split), and its rows are independent, so each device runs the kernel on its own rows."""
   axes = kernel_mesh_axes()
   if not axes:
     return kernel(q, k, v, gates, state)
