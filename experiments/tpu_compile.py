@@ -16,6 +16,7 @@ import os
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the host's own backend; libtpu only compiles
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other compile-only clients may run
 
 from absl import app, flags  # noqa: E402  (after the platform is chosen)
 from ml_collections import config_flags  # noqa: E402

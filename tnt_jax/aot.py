@@ -9,7 +9,9 @@ memory and FLOPs of the step. Nothing runs. The mesh also retargets the platform
 traced for (`tnt_jax.platform`), so `implementation="pallas"` picks the TPU driver.
 
 Where no TPU is attached, libtpu's runtime start-up is skipped for ordinary use by
-`JAX_PLATFORMS=cpu` (the test suite sets it); the compile-only client works regardless.
+`JAX_PLATFORMS=cpu`; several processes opening compile-only clients at once need
+`ALLOW_MULTIPLE_LIBTPU_LOAD=1` (libtpu's lock file is for processes sharing TPU chips). The test
+suite and experiments/tpu_compile.py set both.
 """
 
 from __future__ import annotations
@@ -20,10 +22,6 @@ import os
 
 import jax
 import numpy as np
-
-# Several processes may open compile-only clients at once (pytest workers); libtpu's lock file
-# is for processes sharing TPU chips, of which there are none here.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def libtpu_missing_reason() -> str | None:
@@ -69,18 +67,9 @@ def train_step_for_tpu(config, topology: str):
   """The training step of `config` (configs/tnt_lm.py's fields), lowered and compiled for the
   devices of `topology` with the mesh config.mesh describes over them. Returns (compiled, mesh).
   Checks the batch and sequence split before compiling, as the trainer does."""
-  from tnt_jax import data
   from tnt_jax.parallel import mesh as mesh_lib
   from tnt_jax.train import trainer
-  devices = tpu_devices(topology)
-  shape = mesh_lib.mesh_shape(config.mesh.data, config.mesh.fsdp, len(devices),
-                              config.mesh.get("context", 1))
-  mesh = jax.sharding.Mesh(np.array(devices).reshape(shape), mesh_lib.AXES,
-                           axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-  data_cfg = trainer.data_config(config)
-  model_config = trainer.lm_config(config, data.vocab_info(data_cfg).vocab_size)
-  mesh_lib.check_batch_divides(data_cfg.batch_size, mesh)
-  trainer.check_model_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
+  data_cfg, _, model_config, mesh = trainer.checked_setup(config, tpu_devices(topology))
   parts = trainer.train_parts(config, model_config, mesh)
   rows = mesh_lib.batch_sharding(mesh)
   batch_shape = (data_cfg.batch_size, data_cfg.seq_len)

@@ -272,8 +272,8 @@ def rows_blocks(config: MemoryConfig, head_dim: int, dtype, *, driver: str, inte
   if blocks.row_lowering == "auto":
     choice = "mosaic_gpu" if _mosaic_rows_measured_faster(config, driver, interpret,
                                                           blocks) else "pallas"
-    blocks, reason = rows_blocks(config, head_dim, dtype, driver=driver, interpret=interpret,
-                                 blocks=dataclasses.replace(blocks, row_lowering=choice))
+    blocks, _ = rows_blocks(config, head_dim, dtype, driver=driver, interpret=interpret,
+                            blocks=dataclasses.replace(blocks, row_lowering=choice))
     return blocks, None
   if blocks.row_lowering != "mosaic_gpu" or uses_tiles(config, head_dim, driver, blocks):
     return blocks, None

@@ -27,6 +27,7 @@ A length that is not a multiple of chunk_size is fine: the last chunk is shorter
 from __future__ import annotations
 
 import functools
+import math
 
 from absl import logging
 import jax
@@ -136,12 +137,13 @@ def memory_op(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: Gates
     blocks = kernel_blocks or chunk_memory.KernelBlocks()
     reason = kernel_fallback_reason(config, q_BxTxHxD.shape[-1], q_BxTxHxD.dtype, interpret,
                                     blocks)
+    axes = kernel_mesh_axes()
     if reason is None:
-      reason = _mesh_split_reason(q_BxTxHxD.shape[0])
+      reason = _mesh_split_reason(q_BxTxHxD.shape[0], axes)
     if reason is None:
       kernel = functools.partial(chunk_memory.kernel_memory, config=config, interpret=interpret,
                                  blocks=blocks)
-      return _rows_per_device(kernel, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state)
+      return _rows_per_device(kernel, axes, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state)
     _log_fallback(implementation, reason)
   if implementation == "affine":
     reason = affine.unsupported_reason(config)
@@ -175,26 +177,20 @@ def kernel_mesh_axes() -> tuple[str, ...]:
                if mesh.shape[name] > 1 and name not in mesh.manual_axes)
 
 
-def _mesh_split_reason(batch: int) -> str | None:
-  axes = kernel_mesh_axes()
-  if not axes:
-    return None
+def _mesh_split_reason(batch: int, axes: tuple[str, ...]) -> str | None:
   mesh = jax.sharding.get_abstract_mesh()
-  devices = 1
-  for name in axes:
-    devices *= mesh.shape[name]
+  devices = math.prod(mesh.shape[name] for name in axes)
   if batch % devices:
     return (f"the op's {batch} batch rows do not split over mesh axes {axes} ({devices} "
             "devices); the kernel runs each device's rows in shard_map")
   return None
 
 
-def _rows_per_device(kernel, q, k, v, gates, state):
-  """kernel(q, k, v, gates, state) with every leaf's leading (batch) axis split over
-  `kernel_mesh_axes()`: a Pallas call is opaque to XLA's partitioner (Mosaic TPU refuses to
+def _rows_per_device(kernel, axes, q, k, v, gates, state):
+  """kernel(q, k, v, gates, state) with every leaf's leading (batch) axis split over the mesh
+  axes `axes` (`kernel_mesh_axes()`): a Pallas call is opaque to XLA's partitioner (Mosaic TPU refuses to
   be partitioned; a GPU kernel call is a custom call the partitioner does not know how to
   split), and its rows are independent, so each device runs the kernel on its own rows."""
-  axes = kernel_mesh_axes()
   if not axes:
     return kernel(q, k, v, gates, state)
   mesh = jax.sharding.get_abstract_mesh()

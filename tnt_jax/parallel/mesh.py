@@ -42,9 +42,13 @@ def mesh_shape(data: int, fsdp: int, num_devices: int, context: int = 1
   return sizes["data"], sizes["fsdp"], sizes["context"]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1) -> jax.sharding.Mesh:
-  shape = mesh_shape(data, fsdp, jax.device_count(), context)
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1, devices=None
+              ) -> jax.sharding.Mesh:
+  """devices: None for this process's (all of jax.devices()), or e.g. a TPU topology's
+  (tnt_jax/aot.py)."""
+  shape = mesh_shape(data, fsdp, jax.device_count() if devices is None else len(devices), context)
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                       devices=devices)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -167,6 +167,19 @@ def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys}
 
 
+def checked_setup(config, devices=None):
+  """(data config, vocab, model config, mesh) of a run, checked before any compile: the batch
+  over the mesh, the sequence over its context axis. devices: None for this process's."""
+  data_cfg = data_config(config)
+  vocab = data.vocab_info(data_cfg)
+  model_config = lm_config(config, vocab.vocab_size)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("context", 1),
+                            devices=devices)
+  mesh_lib.check_batch_divides(data_cfg.batch_size, mesh)
+  check_model_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
+  return data_cfg, vocab, model_config, mesh
+
+
 class TrainParts(NamedTuple):
   abstract_model: LanguageModel
   model: ModelFunctions
@@ -193,11 +206,12 @@ def train_parts(config, model_config: LMConfig, mesh: jax.sharding.Mesh, trainab
     return {"params": params, "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32)}
 
+  state_shapes = jax.eval_shape(init_state)
   state_shardings = jax.tree.map(
       lambda x: mesh_lib.param_sharding(x.shape, mesh) if x.ndim else NamedSharding(mesh, P()),
-      jax.eval_shape(init_state))
+      state_shapes)
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(init_state), state_shardings)
+                                state_shapes, state_shardings)
   train_step = jax.jit(make_train_step(model, optimizer, mesh), donate_argnums=0,
                        in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(state_shardings, NamedSharding(mesh, P())))
@@ -214,12 +228,7 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   log = _Log()
   _check_config(config)
   workdir = os.path.abspath(workdir)
-  data_cfg = data_config(config)
-  vocab = data.vocab_info(data_cfg)
-  model_config = lm_config(config, vocab.vocab_size)
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.get("context", 1))
-  mesh_lib.check_batch_divides(data_cfg.batch_size, mesh)
-  check_model_context_split(data_cfg.seq_len, mesh.shape["context"], model_config)
+  data_cfg, vocab, model_config, mesh = checked_setup(config)
   if mesh.shape["context"] > 1 and use_gspmd_on_gpu():
     log("context parallelism on GPU: using the GSPMD partitioner (XLA's Shardy path crashes "
         "compiling this backward with jax 0.11; docs/context_parallel.md)")
