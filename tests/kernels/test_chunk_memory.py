@@ -268,6 +268,24 @@ class ChunkMemoryKernelTest(KernelTestCase):
     self._check(config, 64, dtype, _seed("swiglu", rule_read, layout), length=45,
                 blocks=KernelBlocks(layout=layout))
 
+  @parameterized.parameters(
+      ("titans_cumulative", "l2", 64, 4, None, None),
+      ("gd_cumulative", "dot", 64, 2, "tokens", None),
+      ("titans_chunk_start", "l2", 64, 2, None, 3),
+      ("gd_chunk_start", "l2", 128, 8, "tokens", None),
+      ("titans_cumulative", "l2", 128, 2, None, 1))
+  def test_linear_rows_split_by_output_feature(self, rule_read, loss, head_dim, split, layout,
+                                               save_every):
+    # KernelBlocks(value_split=s): each (batch, head) row runs as s rows of head_dim / s output
+    # features (chunk_memory._split_value_rows); the q, k and gate gradients of the copies sum.
+    rule, read = RULE_READS[rule_read]
+    config = MemoryConfig(MODELS["linear"], UpdateRule(rule), loss, read, CHUNK)
+    dtype = "bfloat16" if head_dim == 128 and "bfloat16" in self.DTYPES else self.DTYPES[0]
+    length = 45 if save_every is None else 7 * CHUNK + 5
+    self._check(config, head_dim, dtype, _seed("value_split", rule_read, head_dim, split),
+                blocks=KernelBlocks(value_split=split, layout=layout, save_every=save_every),
+                length=length)
+
   def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
     config = _config("linear", "titans_cumulative")
     args = _inputs(config, 64, getattr(jnp, self.DTYPES[0]), 4, 7 * CHUNK + 5)
@@ -453,6 +471,21 @@ class KernelErrorsTest(parameterized.TestCase):
         128))
     self.assertEqual(chunk_memory.sliced_width(MODELS["linear"], 64, KernelBlocks(
         hidden_slice=32)), 0)
+    # Split by output feature: the budgets apply to one split row; an mlp is not split.
+    split = lambda config, d, n, dtype=jnp.bfloat16: chunk_memory.unsupported_reason(
+        config, d, dtype, driver="chunk_loop", interpret=False,
+        blocks=KernelBlocks(value_split=n))
+    self.assertIn("max_state_bytes / 4 for float32", reason(titans_128, 128))
+    self.assertIsNone(split(titans_128, 128, 2, jnp.float32))
+    self.assertIn("head_dim / KernelBlocks.value_split=8: the GPU lowering needs powers of 2 >= 16",
+                  split(titans_128, 64, 8))
+    self.assertIn("value_split=4 does not divide head_dim=6", chunk_memory.unsupported_reason(
+        titans_128, 6, jnp.float32, driver="sequential_grid", interpret=True,
+        blocks=KernelBlocks(value_split=4)))
+    self.assertEqual(chunk_memory.value_split(_config("mlp", "gd_cumulative"), 64, "chunk_loop",
+                                              KernelBlocks(value_split=4)), 1)
+    self.assertEqual(chunk_memory.value_split(titans_128, 64, "chunk_loop",
+                                              KernelBlocks(value_split=4)), 4)
     wide = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("gd"), chunk_size=24)
     self.assertIn("chunk_size=32 (padded from 24) x widest layer 256",
                   reason(wide, 64, jnp.bfloat16))
@@ -472,6 +505,10 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks(layout="rows")
     with self.assertRaisesRegex(ValueError, "hidden_slice=64 streams a token-major state"):
       KernelBlocks(hidden_slice=64, layout="features")
+    with self.assertRaisesRegex(ValueError, "value_split=3 must be a power of 2 >= 1"):
+      KernelBlocks(value_split=3)
+    with self.assertRaisesRegex(ValueError, "value_split=2 splits rows for the Pallas row"):
+      KernelBlocks(value_split=2, row_lowering="mosaic_gpu")
     config = _config("linear", "gd_cumulative")
     with self.assertRaisesRegex(ValueError, "driver='warp' is unknown"):
       kernel_memory(*_inputs(config, 64, jnp.float32, 0), config, driver="warp", interpret=True)

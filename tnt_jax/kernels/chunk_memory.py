@@ -153,6 +153,7 @@ class KernelBlocks:
   tile_lowering: str = "pallas"
   row_lowering: str = "auto"
   reverse_lowering: str = ""
+  value_split: int = 1
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
@@ -182,6 +183,13 @@ class KernelBlocks:
       value = getattr(self, name)
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
+    if (not isinstance(self.value_split, int) or isinstance(self.value_split, bool)
+        or not _is_power_of_2(self.value_split)):
+      raise ValueError(f"KernelBlocks.value_split={self.value_split!r} must be a power of 2 >= 1")
+    if self.value_split > 1 and self.row_lowering == "mosaic_gpu":
+      raise ValueError(f"KernelBlocks.value_split={self.value_split} splits rows for the Pallas "
+                       "row kernel; the Mosaic GPU row kernel takes whole 64-row states "
+                       "(row_lowering='mosaic_gpu')")
     for name in ("hidden_slice", "tile"):
       value = getattr(self, name)
       if (not isinstance(value, int) or isinstance(value, bool) or value < 0
@@ -291,7 +299,8 @@ def _mosaic_rows_measured_faster(config: MemoryConfig, driver: str, interpret: b
   """Where row_lowering="auto" picks the Mosaic GPU row kernel: compiled on a Hopper GPU, a
   linear memory with the cumulative read (the chunk-start read at C = 16 was 5% slower there:
   docs/kernel_notes.md v13), in the layout that kernel runs."""
-  if interpret or driver != "chunk_loop" or blocks.layout == "tokens" or blocks.hidden_slice:
+  if (interpret or driver != "chunk_loop" or blocks.layout == "tokens" or blocks.hidden_slice
+      or blocks.value_split > 1):
     return False
   if config.model.kind != "linear" or config.read != "cumulative":
     return False
@@ -313,6 +322,15 @@ def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelB
     return False
   widest = max(max(shape) for shape in config.model.layer_shapes(head_dim).values())
   return kernel_chunk(config.chunk_size, driver) * widest > blocks.activation_budget(driver)
+
+
+def value_split(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks) -> int:
+  """Rows per (batch, head) row in the row kernel: KernelBlocks.value_split for a linear memory
+  on the row kernel, 1 elsewhere (an mlp's hidden layer couples its output features; the tile
+  kernel maps tokens, not rows), so one setting serves every memory of a model."""
+  if config.model.kind != "linear" or uses_tiles(config, head_dim, driver, blocks):
+    return 1
+  return blocks.value_split
 
 
 def sliced_width(model, head_dim: int, blocks: KernelBlocks) -> int:
@@ -344,6 +362,11 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
       return None        # the backward runs the Pallas reverse kernel where its walk does not fit
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
+  split = value_split(config, head_dim, driver, blocks)
+  if head_dim % split:
+    return (f"KernelBlocks.value_split={split} does not divide head_dim={head_dim} (each split "
+            "row holds head_dim / value_split output features)")
+  shapes = {name: (o // split, i) for name, (o, i) in shapes.items()}
   if width:
     hidden = model.hidden_dim(head_dim)
     if hidden % width:
@@ -377,6 +400,8 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
       return f"dtype={jnp.dtype(dtype).name} (compiled kernels take float32 or bfloat16)"
     if driver == "chunk_loop":
       sizes = {"head_dim": head_dim}      # the chunk is padded (kernel_chunk)
+      if split > 1:
+        sizes["head_dim / KernelBlocks.value_split"] = head_dim // split
       sizes.update({f"{name}.out": o for name, (o, _) in model.layer_shapes(head_dim).items()})
       if width:
         sizes["hidden_slice"] = width
@@ -846,7 +871,7 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
       return new_carry, [out]
 
   outs, final, saved = _sequential_call(
-      body, [q, k, v, *coefs], list(state), [jax.ShapeDtypeStruct(q.shape, cd)], reverse=False,
+      body, [q, k, v, *coefs], list(state), [jax.ShapeDtypeStruct(v.shape, cd)], reverse=False,
       driver=static.driver, interpret=static.interpret, gpu_params=_gpu_params(static),
       snapshot_every=save_every, carry_in_refs=sliced is not None, sync=_sync(static),
       name=_kernel_name("fwd", static, sliced))
@@ -1037,6 +1062,9 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   if has_s:
     rows_state += _state_rows(state.momentum, names, acc)
   static = _Static(config, coef_fields, len(names), has_s, **static_kw)
+  split = static.blocks.value_split
+  if split > 1:
+    q, k, v, coefs, rows_state = _split_value_rows(split, q, k, v, coefs, rows_state)
   feature_major = static.layout == "features"
   if feature_major:
     q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))
@@ -1045,9 +1073,32 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
                                 rows_state)
   if feature_major:
     out_rows = jnp.swapaxes(out_rows, -1, -2)
+  if split > 1:
+    out_rows, final_rows = _merge_value_rows(split, out_rows, final_rows)
   depth = len(names)
   return from_rows(out_rows, final_rows[:depth], final_rows[depth:] if has_s else None, names,
                    q_BxTxHxD.shape, chunk, cd)
+
+
+def _split_value_rows(split, q, k, v, coefs: ChunkCoefs, rows_state):
+  """A linear memory's rows, each split into `split` rows by output feature (KernelBlocks.
+  value_split): row r becomes rows r * split + s, holding W[s * d / split : (s + 1) * d / split]
+  and the same slice of v, with r's q, k and gate coefficients. Exact, because f = W x with the
+  l2 or dot loss couples no two output features: each slice of W sees only its slice of the
+  loss gradient. The q, k and coefficient gradients of the copies are summed by autodiff."""
+  copy = lambda x: None if x is None else jnp.repeat(x, split, axis=0)
+  r, n, c, d = v.shape
+  v = jnp.moveaxis(v.reshape(r, n, c, split, d // split), 3, 1).reshape(r * split, n, c, -1)
+  state = [w.reshape((r * split, w.shape[1] // split, w.shape[2])) for w in rows_state]
+  return copy(q), copy(k), v, ChunkCoefs(*(copy(x) for x in coefs)), state
+
+
+def _merge_value_rows(split, out_RxNxCxDv, final_rows):
+  """`_split_value_rows`' outputs [R * split, N, C, d / split] and states back to R rows."""
+  rs, n, c, dv = out_RxNxCxDv.shape
+  out = jnp.moveaxis(out_RxNxCxDv.reshape(rs // split, split, n, c, dv), 1, 3)
+  final = [w.reshape((rs // split, split * w.shape[1], w.shape[2])) for w in final_rows]
+  return out.reshape(rs // split, n, c, split * dv), final
 
 
 def from_rows(out_RxNxCxD, weights_rows, momentum_rows, names, shape_BxTxHxD, chunk,
@@ -1098,7 +1149,9 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                                       driver=driver, interpret=bool(interpret), blocks=blocks)
   if mosaic_reason is not None:
     _log_pallas_rows(mosaic_reason)
-  blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver))
+  blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver),
+                               value_split=value_split(config, q_BxTxHxD.shape[-1], driver,
+                                                       blocks))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                    padded_chunk=row_chunk(config.chunk_size, driver, blocks), driver=driver,
                    interpret=interpret, blocks=blocks)
