@@ -26,3 +26,11 @@ def target_device_kind() -> str:
   """The target device's kind ("NVIDIA H100 80GB HBM3", "TPU v5 lite", ...)."""
   device = _abstract_device()
   return device.device_kind if device is not None else jax.devices()[0].device_kind
+
+
+def target_core_count() -> int | None:
+  """The target device's cores (an NVIDIA GPU's SMs; None where JAX does not say)."""
+  device = _abstract_device()
+  if device is not None:
+    return device.num_cores
+  return getattr(jax.devices()[0], "core_count", None)

@@ -286,6 +286,13 @@ class ChunkMemoryKernelTest(KernelTestCase):
                 blocks=KernelBlocks(value_split=split, layout=layout, save_every=save_every),
                 length=length)
 
+  def test_head_dim_128_linear_float32_with_the_default_blocks(self):
+    # Compiled on a GPU the default blocks split these rows (value_split auto), which lets a
+    # float32 Titans state of d = 128 onto the kernel; interpreted, the rows stay whole.
+    config = _config("linear", "titans_cumulative")
+    dtype = "float32" if "float32" in self.DTYPES else self.DTYPES[0]
+    self._check(config, 128, dtype, _seed("default_128_f32"))
+
   def test_saved_states_are_the_start_of_every_spacing_th_chunk(self):
     config = _config("linear", "titans_cumulative")
     args = _inputs(config, 64, getattr(jnp, self.DTYPES[0]), 4, 7 * CHUNK + 5)
@@ -449,8 +456,11 @@ class KernelErrorsTest(parameterized.TestCase):
     big = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("titans"), chunk_size=16)
     self.assertIn("max_state_bytes", reason(big, 128))
     titans_128 = _config("linear", "titans_cumulative")
-    self.assertIn("max_state_bytes / 4 for float32", reason(titans_128, 128))
-    self.assertIsNone(reason(titans_128, 128, jnp.bfloat16))
+    whole = lambda config, d, dtype=jnp.float32: chunk_memory.unsupported_reason(
+        config, d, dtype, driver="chunk_loop", interpret=False, blocks=KernelBlocks(value_split=1))
+    self.assertIn("max_state_bytes / 4 for float32", whole(titans_128, 128))
+    self.assertIsNone(whole(titans_128, 128, jnp.bfloat16))
+    self.assertIsNone(reason(titans_128, 128))     # auto: split into rows of 32 features
     self.assertIsNone(reason(_config("mlp", "titans_cumulative"), 64))
     self.assertEqual(chunk_memory.kernel_chunk(8, "chunk_loop"), 16)
     self.assertEqual(chunk_memory.kernel_chunk(24, "chunk_loop"), 32)
@@ -475,7 +485,6 @@ class KernelErrorsTest(parameterized.TestCase):
     split = lambda config, d, n, dtype=jnp.bfloat16: chunk_memory.unsupported_reason(
         config, d, dtype, driver="chunk_loop", interpret=False,
         blocks=KernelBlocks(value_split=n))
-    self.assertIn("max_state_bytes / 4 for float32", reason(titans_128, 128))
     self.assertIsNone(split(titans_128, 128, 2, jnp.float32))
     self.assertIn("head_dim / KernelBlocks.value_split=8: the GPU lowering needs powers of 2 >= 16",
                   split(titans_128, 64, 8))
@@ -489,6 +498,32 @@ class KernelErrorsTest(parameterized.TestCase):
     wide = MemoryConfig(MemoryModel("mlp", expansion=4.0), UpdateRule("gd"), chunk_size=24)
     self.assertIn("chunk_size=32 (padded from 24) x widest layer 256",
                   reason(wide, 64, jnp.bfloat16))
+
+  def test_auto_value_split_is_the_measured_choice(self):
+    # None (auto): rows of 32 output features for a linear memory with head_dim >= 128 on the
+    # compiled GPU Pallas row kernel, 16 where the rows would not fill the GPU's SMs.
+    titans = _config("linear", "titans_cumulative")
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+    def split(config, d, rows=None, driver="chunk_loop", interpret=False, **blocks):
+      with jax.sharding.use_abstract_mesh(mesh):
+        return chunk_memory.value_split(config, d, driver, KernelBlocks(**blocks),
+                                        interpret=interpret, rows=rows)
+
+    self.assertIsNone(KernelBlocks().value_split)
+    self.assertEqual(split(titans, 128), 4)
+    self.assertEqual(split(titans, 128, rows=192), 4)            # a TNT local: 16 shards x 12
+    self.assertEqual(split(titans, 128, rows=12), 8)             # one sequence of 12 heads
+    self.assertEqual(split(titans, 256, rows=12), 16)
+    self.assertEqual(split(titans, 64, rows=12), 1)              # measured slower at d = 64
+    self.assertEqual(split(_config("mlp", "titans_cumulative"), 128, rows=12), 1)
+    self.assertEqual(split(titans, 128, rows=12, driver="sequential_grid"), 1)   # not measured
+    self.assertEqual(split(titans, 128, rows=12, interpret=True), 1)
+    self.assertEqual(split(titans, 128, rows=12, value_split=2), 2)
+    # Where the Mosaic GPU row kernel takes the op (gd at d = 128) the rows stay whole.
+    self.assertEqual(split(_config("linear", "gd_cumulative"), 128, rows=12), 1)
 
   def test_bad_blocks_and_driver(self):
     with self.assertRaisesRegex(ValueError, "num_warps=3 must be a power of 2"):

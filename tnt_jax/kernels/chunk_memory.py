@@ -62,7 +62,7 @@ from tnt_jax.kernels.step_math import LAYOUTS, ChunkLayout
 from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
-from tnt_jax.platform import target_platform
+from tnt_jax.platform import target_core_count, target_platform
 
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
@@ -153,7 +153,7 @@ class KernelBlocks:
   tile_lowering: str = "pallas"
   row_lowering: str = "auto"
   reverse_lowering: str = ""
-  value_split: int = 1
+  value_split: int | None = None
 
   def __post_init__(self):
     if self.backward not in BACKWARDS:
@@ -183,10 +183,12 @@ class KernelBlocks:
       value = getattr(self, name)
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
-    if (not isinstance(self.value_split, int) or isinstance(self.value_split, bool)
+    if self.value_split is not None and (
+        not isinstance(self.value_split, int) or isinstance(self.value_split, bool)
         or not _is_power_of_2(self.value_split)):
-      raise ValueError(f"KernelBlocks.value_split={self.value_split!r} must be a power of 2 >= 1")
-    if self.value_split > 1 and self.row_lowering == "mosaic_gpu":
+      raise ValueError(f"KernelBlocks.value_split={self.value_split!r} must be None (auto) or "
+                       "a power of 2 >= 1")
+    if (self.value_split or 1) > 1 and self.row_lowering == "mosaic_gpu":
       raise ValueError(f"KernelBlocks.value_split={self.value_split} splits rows for the Pallas "
                        "row kernel; the Mosaic GPU row kernel takes whole 64-row states "
                        "(row_lowering='mosaic_gpu')")
@@ -300,7 +302,7 @@ def _mosaic_rows_measured_faster(config: MemoryConfig, driver: str, interpret: b
   linear memory with the cumulative read (the chunk-start read at C = 16 was 5% slower there:
   docs/kernel_notes.md v13), in the layout that kernel runs."""
   if (interpret or driver != "chunk_loop" or blocks.layout == "tokens" or blocks.hidden_slice
-      or blocks.value_split > 1):
+      or (blocks.value_split or 1) > 1):
     return False
   if config.model.kind != "linear" or config.read != "cumulative":
     return False
@@ -324,13 +326,32 @@ def uses_tiles(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelB
   return kernel_chunk(config.chunk_size, driver) * widest > blocks.activation_budget(driver)
 
 
-def value_split(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks) -> int:
+def value_split(config: MemoryConfig, head_dim: int, driver: str, blocks: KernelBlocks, *,
+                dtype=jnp.bfloat16, interpret: bool = False, rows: int | None = None) -> int:
   """Rows per (batch, head) row in the row kernel: KernelBlocks.value_split for a linear memory
   on the row kernel, 1 elsewhere (an mlp's hidden layer couples its output features; the tile
-  kernel maps tokens, not rows), so one setting serves every memory of a model."""
+  kernel maps tokens, not rows), so one setting serves every memory of a model.
+
+  None (auto) splits where it was measured faster (H100, 32K, docs/kernel_notes.md v16): a
+  linear memory with head_dim >= 128 on the compiled GPU Pallas row kernel, into rows of 32
+  output features, or of 16 where that leaves fewer rows than the GPU has SMs (rows: the op's
+  batch x heads, None if not known). At d = 64 splitting was slower (a TNT memory 13.0 against
+  10.8 ms), so it stays whole there."""
   if config.model.kind != "linear" or uses_tiles(config, head_dim, driver, blocks):
     return 1
-  return blocks.value_split
+  if blocks.value_split is not None:
+    return blocks.value_split
+  if interpret or driver != "chunk_loop" or head_dim < 128:
+    return 1
+  resolved, _ = rows_blocks(config, head_dim, dtype, driver=driver, interpret=interpret,
+                            blocks=blocks)
+  if resolved.row_lowering == "mosaic_gpu":
+    return 1
+  split = head_dim // 32
+  cores = target_core_count()
+  if rows is not None and cores and rows * split < cores:
+    split = head_dim // 16
+  return split
 
 
 def sliced_width(model, head_dim: int, blocks: KernelBlocks) -> int:
@@ -362,7 +383,7 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
       return None        # the backward runs the Pallas reverse kernel where its walk does not fit
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
-  split = value_split(config, head_dim, driver, blocks)
+  split = value_split(config, head_dim, driver, blocks, dtype=dtype, interpret=interpret)
   if head_dim % split:
     return (f"KernelBlocks.value_split={split} does not divide head_dim={head_dim} (each split "
             "row holds head_dim / value_split output features)")
@@ -1062,7 +1083,7 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   if has_s:
     rows_state += _state_rows(state.momentum, names, acc)
   static = _Static(config, coef_fields, len(names), has_s, **static_kw)
-  split = static.blocks.value_split
+  split = static.blocks.value_split or 1
   if split > 1:
     q, k, v, coefs, rows_state = _split_value_rows(split, q, k, v, coefs, rows_state)
   feature_major = static.layout == "features"
@@ -1150,8 +1171,10 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
   if mosaic_reason is not None:
     _log_pallas_rows(mosaic_reason)
   blocks = dataclasses.replace(blocks, layout=blocks.resolved_layout(config.model.kind, driver),
-                               value_split=value_split(config, q_BxTxHxD.shape[-1], driver,
-                                                       blocks))
+                               value_split=value_split(
+                                   config, q_BxTxHxD.shape[-1], driver, blocks,
+                                   dtype=q_BxTxHxD.dtype, interpret=bool(interpret),
+                                   rows=q_BxTxHxD.shape[0] * q_BxTxHxD.shape[2]))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                    padded_chunk=row_chunk(config.chunk_size, driver, blocks), driver=driver,
                    interpret=interpret, blocks=blocks)
