@@ -139,6 +139,13 @@ class KernelBlocks:
   reverse_lowering: the fused backward's reverse walk: "" follows row_lowering, "pallas" forces
     the Pallas reverse kernel after a Mosaic GPU forward (to compare the two), "mosaic_gpu"
     needs row_lowering="mosaic_gpu" (its saved states and layout).
+  value_split: a linear memory's (batch, head) row runs as this many rows of head_dim /
+    value_split output features each (`_split_value_rows`; exact: W x with the l2 or dot loss
+    couples no two output features), so each program holds a slice of the state and the GPU
+    gets more programs. None (auto): `value_split()`'s measured rule (d >= 128 on the compiled
+    GPU Pallas row kernel; H100: one sequence of d = 128 4.9x faster than whole, a TNT memory
+    1.56x; docs/kernel_notes.md v16). Ignored for mlp and swiglu memories and the tile kernel;
+    not with row_lowering="mosaic_gpu".
   """
   num_warps: int | None = None
   num_stages: int = 1
