@@ -273,17 +273,20 @@ class ChunkMemoryKernelTest(KernelTestCase):
       ("gd_cumulative", "dot", 64, 2, "tokens", None),
       ("titans_chunk_start", "l2", 64, 2, None, 3),
       ("gd_chunk_start", "l2", 128, 8, "tokens", None),
-      ("titans_cumulative", "l2", 128, 2, None, 1))
+      ("titans_cumulative", "l2", 128, 2, None, 1),
+      ("gd_cumulative", "l2", 64, 4, None, None, "xla"))
   def test_linear_rows_split_by_output_feature(self, rule_read, loss, head_dim, split, layout,
-                                               save_every):
+                                               save_every, backward="fused"):
     # KernelBlocks(value_split=s): each (batch, head) row runs as s rows of head_dim / s output
-    # features (chunk_memory._split_value_rows); the q, k and gate gradients of the copies sum.
+    # features (chunk_memory._split_value_rows) that share one copy of q, k and the gates; their
+    # gradients are summed over the s programs (and by autodiff in the "xla" backward).
     rule, read = RULE_READS[rule_read]
     config = MemoryConfig(MODELS["linear"], UpdateRule(rule), loss, read, CHUNK)
     dtype = "bfloat16" if head_dim == 128 and "bfloat16" in self.DTYPES else self.DTYPES[0]
     length = 45 if save_every is None else 7 * CHUNK + 5
     self._check(config, head_dim, dtype, _seed("value_split", rule_read, head_dim, split),
-                blocks=KernelBlocks(value_split=split, layout=layout, save_every=save_every),
+                blocks=KernelBlocks(value_split=split, layout=layout, save_every=save_every,
+                                    backward=backward),
                 length=length)
 
   def test_head_dim_128_linear_float32_with_the_default_blocks(self):

@@ -663,11 +663,13 @@ def _copy_state(dst_refs, src_refs, sync):
 
 def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, reverse, driver,
                      interpret, gpu_params, name, snapshot_every=None, carry_in_refs=False,
-                     sync=lambda: None):
+                     sync=lambda: None, shared_rows=1):
   """One program per row walks that row's chunks in order (or reversed), carrying state on chip.
 
   chunk_inputs: arrays [R, N, ...] read one chunk at a time; carry_init: arrays [R, ...], the
   carry's start; chunk_out_shapes: ShapeDtypeStructs [R, N, ...] written one chunk at a time.
+  shared_rows=s: a chunk input with R / s rows is shared by s consecutive programs (program i
+  reads its row i // s: KernelBlocks.value_split's rows read one copy of q, k and the gates).
   body(carry: list, chunk_values: list) -> (carry, chunk_outputs). snapshot_every=s (forward
   only) also returns the carry at the start of chunks 0, s, 2s, ... ([R, ceil(N / s), ...]).
   Returns (chunk_outputs, final carry, snapshots) as lists (snapshots [] without s).
@@ -676,7 +678,13 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
   body(carry_refs, chunk_views: list[_ChunkView]) -> chunk_outputs updates it in place (loading
   what it needs when it needs it); sync() runs after every chunk and state copy.
   """
-  rows, n = chunk_inputs[0].shape[:2]
+  rows, n = carry_init[0].shape[0], chunk_inputs[0].shape[1]
+  divisors = []
+  for x in chunk_inputs:
+    if x.shape[0] not in (rows, rows // shared_rows) or rows % shared_rows:
+      raise ValueError(f"a chunk input has {x.shape[0]} rows; expected {rows} or {rows} / "
+                       f"shared_rows={shared_rows}")
+    divisors.append(1 if x.shape[0] == rows else shared_rows)
   if snapshot_every is not None and reverse:
     raise ValueError("carry snapshots are taken walking forward only")
   num_in, num_carry = len(chunk_inputs), len(carry_init)
@@ -726,14 +734,15 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
       store(out_refs, ..., outs)
       store(carry_refs, ..., carry)
 
-    def chunk_spec(shape, stride=1):
-      at = (lambda i, j: (i, n - 1 - j)) if reverse else (lambda i, j: (i, j // stride))
+    def chunk_spec(shape, stride=1, share=1):
+      at = ((lambda i, j: (i // share, n - 1 - j)) if reverse
+            else (lambda i, j: (i // share, j // stride)))
       return pl.BlockSpec((None, None) + tuple(shape[2:]),
                           lambda i, j: at(i, j) + (0,) * (len(shape) - 2))
 
     row_spec = lambda shape: pl.BlockSpec((None,) + tuple(shape[1:]),
                                           lambda i, j: (i,) + (0,) * (len(shape) - 1))
-    in_specs = [chunk_spec(x.shape) for x in chunk_inputs]
+    in_specs = [chunk_spec(x.shape, share=g) for x, g in zip(chunk_inputs, divisors)]
     in_specs += [row_spec(x.shape) for x in carry_init]
     out_specs = [chunk_spec(o.shape) for o in chunk_out_shapes]
     out_specs += [row_spec(o.shape) for o in carry_shapes]
@@ -789,9 +798,10 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
       if not carry_in_refs:
         store(carry_refs, ..., carry)
 
-    whole_row = lambda shape: pl.BlockSpec((None,) + tuple(shape[1:]),
-                                           lambda i: (i,) + (0,) * (len(shape) - 1))
-    in_specs = [whole_row(x.shape) for x in list(chunk_inputs) + list(carry_init)]
+    whole_row = lambda shape, share=1: pl.BlockSpec(
+        (None,) + tuple(shape[1:]), lambda i: (i // share,) + (0,) * (len(shape) - 1))
+    in_specs = [whole_row(x.shape, g) for x, g in zip(chunk_inputs, divisors)]
+    in_specs += [whole_row(x.shape) for x in carry_init]
     out_specs = [whole_row(o.shape) for o in out_shape]
     grid = (rows,)
     compiler_params = None
@@ -807,6 +817,20 @@ def _sequential_call(body, chunk_inputs, carry_init, chunk_out_shapes, *, revers
   results = list(results)
   final_at = num_chunk_out + num_carry
   return results[:num_chunk_out], results[num_chunk_out:final_at], results[final_at:]
+
+
+def _shared_rows(q, v) -> int:
+  """How many programs share each row of q (KernelBlocks.value_split: v has that many rows per
+  row of q, k and the gate coefficients)."""
+  return v.shape[0] // q.shape[0]
+
+
+def _sum_shared_rows(grads_RsxN_, split):
+  """Per-program gradients of a shared input [R * split, N, ...] summed to [R, N, ...] (in
+  float32 at least, then in the input's dtype)."""
+  acc = jnp.promote_types(grads_RsxN_.dtype, jnp.float32)
+  total = grads_RsxN_.reshape((-1, split) + grads_RsxN_.shape[1:]).astype(acc).sum(axis=1)
+  return total.astype(grads_RsxN_.dtype)
 
 
 class _Static(NamedTuple):
@@ -902,7 +926,7 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
       body, [q, k, v, *coefs], list(state), [jax.ShapeDtypeStruct(v.shape, cd)], reverse=False,
       driver=static.driver, interpret=static.interpret, gpu_params=_gpu_params(static),
       snapshot_every=save_every, carry_in_refs=sliced is not None, sync=_sync(static),
-      name=_kernel_name("fwd", static, sliced))
+      name=_kernel_name("fwd", static, sliced), shared_rows=_shared_rows(q, v))
   return outs[0], final, saved
 
 
@@ -974,14 +998,20 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
         list(state_c), qc, kc, vc, list(coef_values), list(d_carry), d_out_c.astype(acc))
     return d_state, [dq, dk, dv] + list(d_coefs)
 
-  out_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, *coefs)]
+  # One gradient per program: a shared input's (q, k, gates) is summed over its programs below.
+  split = _shared_rows(q, v)
+  rows = v.shape[0]
+  out_shapes = [jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype) for x in (q, k, v, *coefs)]
   outs, d_init, _ = _sequential_call(
       sliced_body if sliced is not None else carried_body, [q, k, v, *coefs, d_out, *saved_states],
       list(d_final), out_shapes, reverse=True, driver=static.driver,
       interpret=static.interpret, gpu_params=_gpu_params(static, backward=True),
       carry_in_refs=sliced is not None, sync=_sync(static),
-      name=_kernel_name("bwd", static, sliced))
-  return outs[0], outs[1], outs[2], outs[3:], d_init
+      name=_kernel_name("bwd", static, sliced), shared_rows=split)
+  dq, dk, dv, *d_coefs = outs
+  if split > 1:
+    dq, dk, *d_coefs = (_sum_shared_rows(g, split) for g in [dq, dk, *d_coefs])
+  return dq, dk, dv, d_coefs, d_init
 
 
 def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_final, spacing):
@@ -1058,6 +1088,10 @@ _kernel_rows.defvjp(_kernel_rows_fwd, _kernel_rows_bwd)
 def _reference_rows(static: _Static, q, k, v, coefs, state):
   """`_chunk_step` scanned over chunks and vmapped over rows: the kernel's math in plain jnp."""
   step = _carry_step(static, q.dtype)
+  split = _shared_rows(q, v)
+  if split > 1:         # value_split's shared rows, copied for the vmap
+    q, k = (jnp.repeat(x, split, axis=0) for x in (q, k))
+    coefs = [jnp.repeat(c, split, axis=0) for c in coefs]
 
   def row(q, k, v, coefs, state):
     def body(carry, xs):
@@ -1092,7 +1126,7 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
   static = _Static(config, coef_fields, len(names), has_s, **static_kw)
   split = static.blocks.value_split or 1
   if split > 1:
-    q, k, v, coefs, rows_state = _split_value_rows(split, q, k, v, coefs, rows_state)
+    v, rows_state = _split_value_rows(split, v, rows_state)
   feature_major = static.layout == "features"
   if feature_major:
     q, k, v = (jnp.swapaxes(x, -1, -2) for x in (q, k, v))
@@ -1108,17 +1142,17 @@ def _run_rows(row_fn, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state: MemoryState
                    q_BxTxHxD.shape, chunk, cd)
 
 
-def _split_value_rows(split, q, k, v, coefs: ChunkCoefs, rows_state):
+def _split_value_rows(split, v, rows_state):
   """A linear memory's rows, each split into `split` rows by output feature (KernelBlocks.
   value_split): row r becomes rows r * split + s, holding W[s * d / split : (s + 1) * d / split]
-  and the same slice of v, with r's q, k and gate coefficients. Exact, because f = W x with the
-  l2 or dot loss couples no two output features: each slice of W sees only its slice of the
-  loss gradient. The q, k and coefficient gradients of the copies are summed by autodiff."""
-  copy = lambda x: None if x is None else jnp.repeat(x, split, axis=0)
+  and the same slice of v; they share r's q, k and gate coefficients, which the kernel's
+  programs r * split .. r * split + split - 1 all read (`_sequential_call`'s shared_rows), and
+  whose gradients the backward sums over them. Exact, because f = W x with the l2 or dot loss
+  couples no two output features: each slice of W sees only its slice of the loss gradient."""
   r, n, c, d = v.shape
   v = jnp.moveaxis(v.reshape(r, n, c, split, d // split), 3, 1).reshape(r * split, n, c, -1)
   state = [w.reshape((r * split, w.shape[1] // split, w.shape[2])) for w in rows_state]
-  return copy(q), copy(k), v, ChunkCoefs(*(copy(x) for x in coefs)), state
+  return v, state
 
 
 def _merge_value_rows(split, out_RxNxCxDv, final_rows):
