@@ -543,7 +543,7 @@ class KernelErrorsTest(parameterized.TestCase):
       KernelBlocks(layout="rows")
     with self.assertRaisesRegex(ValueError, "hidden_slice=64 streams a token-major state"):
       KernelBlocks(hidden_slice=64, layout="features")
-    with self.assertRaisesRegex(ValueError, "value_split=3 must be a power of 2 >= 1"):
+    with self.assertRaisesRegex(ValueError, "value_split=3 must be None .auto. or a power of 2 >= 1"):
       KernelBlocks(value_split=3)
     with self.assertRaisesRegex(ValueError, "value_split=2 splits rows for the Pallas row"):
       KernelBlocks(value_split=2, row_lowering="mosaic_gpu")
