@@ -143,8 +143,8 @@ class KernelBlocks:
     value_split output features each (`_split_value_rows`; exact: W x with the l2 or dot loss
     couples no two output features), so each program holds a slice of the state and the GPU
     gets more programs. None (auto): `value_split()`'s measured rule (d >= 128 on the compiled
-    GPU Pallas row kernel; H100: one sequence of d = 128 4.9x faster than whole, a TNT memory
-    1.56x; docs/kernel_notes.md v16). Ignored for mlp and swiglu memories and the tile kernel;
+    GPU Pallas row kernel; H100: one sequence of d = 128 6.1x faster than whole, a TNT memory
+    1.7x; docs/kernel_notes.md v16). Ignored for mlp and swiglu memories and the tile kernel;
     not with row_lowering="mosaic_gpu".
   """
   num_warps: int | None = None
