@@ -88,6 +88,13 @@ class TPUCompileTest(parameterized.TestCase):
     self._check_kernel_grad(wide, _inputs(wide, 64, jnp.bfloat16, 3, length=64),
                             KernelBlocks(hidden_slice=32, save_every=1))
 
+  def test_linear_rows_split_by_output_feature(self):
+    # value_split: the programs of a row share its q, k and gates (a BlockSpec index of
+    # row // split), which Mosaic TPU must take as well.
+    config = _config("linear", "titans_cumulative")
+    self._check_kernel_grad(config, _inputs(config, 128, jnp.bfloat16, 5),
+                            KernelBlocks(value_split=4))
+
   def test_tile_kernel_for_large_chunk_start_chunks(self):
     config = MemoryConfig(MODELS["mlp"], UpdateRule("titans"), "l2", "chunk_start", 64)
     self._check_kernel_grad(config, _inputs(config, 64, jnp.bfloat16, 4, length=128),
