@@ -570,6 +570,8 @@ class KernelErrorsTest(parameterized.TestCase):
                      KernelBlocks(hidden_slice=64, num_warps=4))
     self.assertEqual(KernelBlocks.from_spec("layout=features+save_every=1"),
                      KernelBlocks(layout="features", save_every=1))
+    self.assertEqual(KernelBlocks.from_spec("value_split=4+save_every=1"),
+                     KernelBlocks(value_split=4, save_every=1))
     with self.assertRaisesRegex(ValueError, "'warps=4' must be field=value with a KernelBlocks"):
       KernelBlocks.from_spec("warps=4")
     with self.assertRaisesRegex(ValueError, "save_every=0 must be an integer >= 1"):
