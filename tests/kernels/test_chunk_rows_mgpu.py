@@ -150,7 +150,8 @@ class MosaicRowsTest(KernelTestCase):
 
   @parameterized.named_parameters(("mlp", "mlp", 64), ("titans_d128", "linear", 128))
   def test_ops_mosaic_refuses_run_on_the_pallas_row_kernel(self, model, head_dim):
-    config = _config(model=MemoryModel("mlp", depth=2, expansion=1.0) if model == "mlp"
+    # A 3-layer mlp: the Mosaic GPU mlp row kernel takes 2-layer ones.
+    config = _config(model=MemoryModel("mlp", depth=3, expansion=1.0) if model == "mlp"
                      else LINEAR)
     calls = []
     real = chunk_rows_mgpu.linear_rows_forward
@@ -207,7 +208,7 @@ class MosaicRowsRulesTest(parameterized.TestCase):
                                     interpret=interpret, blocks=MOSAIC)[1]
 
   def test_the_pallas_row_kernel_takes_what_mosaic_refuses(self):
-    mlp = _config(model=MemoryModel("mlp", depth=2, expansion=1.0))
+    mlp = _config(model=MemoryModel("mlp", depth=3, expansion=1.0))
     for config, head_dim in ((mlp, 64), (_config(), 128)):
       blocks, reason = chunk_memory.rows_blocks(config, head_dim, jnp.bfloat16,
                                                 driver="chunk_loop", interpret=True,
@@ -261,8 +262,8 @@ class MosaicRowsRulesTest(parameterized.TestCase):
     self.assertIsNone(self._reason(_config("gd"), head_dim=128))
 
   def test_refusals_name_the_value(self):
-    mlp = MemoryModel("mlp", depth=2, expansion=1.0)
-    self.assertIn("kind='mlp'", self._reason(_config(model=mlp)))
+    swiglu = MemoryModel("swiglu", expansion=1.0)
+    self.assertIn("kind='swiglu'", self._reason(_config(model=swiglu)))
     self.assertIn("dtype=float32", self._reason(_config(), dtype=jnp.float32))
     self.assertIn("head_dim=32", self._reason(_config(), head_dim=32))
     self.assertIn("chunk=128", self._reason(_config(chunk=100)))

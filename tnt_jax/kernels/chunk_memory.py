@@ -931,12 +931,17 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
 
 
 def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None):
-  """`_rows_forward` on the Mosaic GPU row kernel (kernels/chunk_rows_mgpu.py; "features"
-  layout, so q, k, v are [R, N, d, C])."""
+  """`_rows_forward` on the Mosaic GPU row kernel (kernels/chunk_rows_mgpu.py, or for a 2-layer
+  mlp kernels/chunk_rows_mgpu_mlp.py; "features" layout, so q, k, v are [R, N, d, C])."""
   from tnt_jax.kernels import chunk_rows_mgpu
   rows, num_chunks, _, chunk = q.shape
   packed, read_x = chunk_rows_mgpu.pack_coefficients(
       dict(zip(static.coef_fields, coefs)), rows, num_chunks, chunk)
+  if static.config.model.kind == "mlp":
+    from tnt_jax.kernels import chunk_rows_mgpu_mlp
+    return chunk_rows_mgpu_mlp.mlp_rows_forward(
+        q, k, v, packed, read_x, list(state), activation=static.config.model.activation,
+        l2=static.config.loss == "l2", save_every=save_every, interpret=static.interpret)
   return chunk_rows_mgpu.linear_rows_forward(
       q, k, v, packed, read_x, list(state), l2=static.config.loss == "l2",
       save_every=save_every, interpret=static.interpret)
@@ -972,6 +977,17 @@ def _rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final
   chunk-start state, carrying the state's cotangent on chip."""
   if _mosaic_reverse_reason(static, q) is None:
     return _mosaic_rows_backward(static, q, k, v, coefs, saved_states, d_out, d_final)
+  if static.blocks.row_lowering == "mosaic_gpu" and static.config.model.kind != "linear":
+    # After the Mosaic GPU mlp forward ("features"), the Pallas reverse walk runs token-major,
+    # the layout measured faster for an mlp on it (docs/kernel_notes.md v6). The saved states
+    # are [out, in] in either layout; the inputs and every per-token coefficient swap axes.
+    swap = lambda x: jnp.swapaxes(x, -1, -2)
+    tokens = static._replace(blocks=dataclasses.replace(
+        static.blocks, row_lowering="pallas", reverse_lowering="", layout="tokens"))
+    dq, dk, dv, d_coefs, d_init = _rows_backward(
+        tokens, swap(q), swap(k), swap(v), [swap(c) for c in coefs], saved_states, swap(d_out),
+        d_final)
+    return swap(dq), swap(dk), swap(dv), [swap(g) for g in d_coefs], d_init
   cd = q.dtype
   num_coefs = len(coefs)
   sliced = _sliced_step(static, q.shape[-1], cd)

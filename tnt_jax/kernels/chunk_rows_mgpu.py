@@ -61,7 +61,12 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool) -> int:
 
 def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bool) -> str | None:
   """Why this kernel cannot run the forward of this op (None when it can). chunk: the kernel's
-  (padded) chunk; compiled: on a GPU rather than the interpreter."""
+  (padded) chunk; compiled: on a GPU rather than the interpreter. A 2-layer mlp memory runs on
+  kernels/chunk_rows_mgpu_mlp.py."""
+  if config.model.kind == "mlp":
+    from tnt_jax.kernels import chunk_rows_mgpu_mlp   # it imports this module
+    return chunk_rows_mgpu_mlp.unsupported_reason(config, head_dim, dtype, chunk,
+                                                  compiled=compiled)
   return linear_kernel_reason("row kernel", smem_bytes, config, head_dim, dtype, chunk,
                               compiled=compiled)
 
@@ -72,8 +77,9 @@ def linear_kernel_reason(kernel: str, smem_fn, config, head_dim: int, dtype, chu
   linear model, operands, chunk size, smem_fn(head_dim, chunk, momentum) bytes, platform."""
   model = config.model
   if model.kind != "linear":
-    return (f"memory model kind={model.kind!r} (the Mosaic GPU {kernel} does linear memories; "
-            "mlp and swiglu run on the Pallas row kernel)")
+    return (f"memory model kind={model.kind!r} (the Mosaic GPU {kernel} does linear memories"
+            f"{' and 2-layer mlps' if kernel == 'row kernel' else ''}; the others run on the "
+            "Pallas row kernel)")
   if (reason := operand_reason(kernel, head_dim, dtype)) is not None:
     return reason
   if chunk not in CHUNKS:

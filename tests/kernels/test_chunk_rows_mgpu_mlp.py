@@ -1,0 +1,161 @@
+"""The Mosaic GPU row kernel of a 2-layer mlp memory (kernels/chunk_rows_mgpu_mlp.py: the hidden
+units split over a cluster, one program per 64) against the token reference.
+
+`MosaicMlpRowsTest` compiles it on a Hopper GPU (the cluster exchange) and is skipped elsewhere;
+`MosaicMlpRowsInterpretTest` runs the same per-slice code under the Mosaic GPU interpreter on the
+CPU, one program per row walking its slices in turn (the interpreter has no cluster stores). The
+kernel takes bf16 operands (wgmma): bfloat16 against the float32 reference (outputs, final
+states, every gradient; the backward re-runs this forward per checkpoint group and walks the
+group with the Pallas reverse kernel), and against the kernel's own jnp reference, which rounds
+the same operands, at a tighter tolerance.
+"""
+
+from absl.testing import absltest, parameterized
+import jax
+import jax.numpy as jnp
+
+from tests.helpers import assert_trees_rel_close
+from tests.kernels.test_chunk_memory import KernelTestCase, _inputs, _seed
+from tnt_jax.kernels import chunk_memory, chunk_rows_mgpu, chunk_rows_mgpu_mlp
+from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory, kernel_memory_reference
+from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
+from tnt_jax.ops.api import memory_op
+
+MOSAIC = KernelBlocks(row_lowering="mosaic_gpu")
+
+
+def _config(rule="titans", read="cumulative", loss="l2", chunk=16, expansion=2.0,
+            activation="gelu", depth=2):
+  model = MemoryModel("mlp", depth=depth, expansion=expansion, activation=activation)
+  return MemoryConfig(model, UpdateRule(rule), loss, read, chunk)
+
+
+class MosaicMlpRowsTest(KernelTestCase):
+  """Compiled on a Hopper GPU (skipped elsewhere); the subclass interprets the same code."""
+
+  DTYPES = ("bfloat16",)
+  DRIVERS = ("chunk_loop",)
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET:
+      reason = chunk_rows_mgpu_mlp.unsupported_reason(_config(), 64, jnp.bfloat16, 16,
+                                                      compiled=True)
+      if reason is not None:
+        self.skipTest(reason)
+
+  def _before_check(self, config, head_dim, dtype, blocks):
+    self.assertIsNone(chunk_memory.rows_blocks(
+        config, head_dim, getattr(jnp, dtype), driver="chunk_loop",
+        interpret=bool(self.INTERPRET), blocks=blocks)[1])
+
+  def _forward_spy(self):
+    calls = []
+    real = chunk_rows_mgpu_mlp.mlp_rows_forward
+
+    def spy(*args, **kwargs):
+      calls.append((args[0].shape, args[5][0].shape))
+      return real(*args, **kwargs)
+
+    self.enter_context(absltest.mock.patch.object(chunk_rows_mgpu_mlp, "mlp_rows_forward", spy))
+    return calls
+
+  @parameterized.named_parameters(
+      # name, rule, read, loss, chunk, expansion (hidden / 64 = slices), activation, length
+      ("titans_cumulative_4_slices", "titans", "cumulative", "l2", 16, 4.0, "gelu", 40),
+      ("gd_chunk_start_2_slices", "gd", "chunk_start", "l2", 16, 2.0, "gelu", 40),
+      ("titans_chunk_start_1_slice_dot", "titans", "chunk_start", "dot", 16, 1.0, "silu", 40),
+      ("gd_cumulative_chunk_32_3_slices", "gd", "cumulative", "dot", 32, 3.0, "tanh", 70),
+      ("titans_cumulative_chunk_8_padded", "titans", "cumulative", "l2", 8, 2.0, "silu", 21))
+  def test_matches_reference(self, rule, read, loss, chunk, expansion, activation, length):
+    calls = self._forward_spy()
+    config = _config(rule, read, loss, chunk, expansion, activation)
+    self._check(config, 64, "bfloat16", _seed("mlp-rows", rule, read, chunk, expansion), MOSAIC,
+                length)
+    self.assertTrue(calls)
+
+  def test_backward_from_states_saved_every_few_chunks(self):
+    # 8 chunks in groups of 3: the backward re-runs the kernel from its saved (merged) states.
+    self._check(_config(), 64, "bfloat16", _seed("mlp-rows-save"),
+                KernelBlocks(row_lowering="mosaic_gpu", save_every=3), 7 * 16 + 5)
+
+  @parameterized.parameters(("titans", "cumulative", 4.0), ("gd", "chunk_start", 2.0))
+  def test_forward_agrees_with_its_jnp_reference(self, rule, read, expansion):
+    """The same operand roundings as `_chunk_step` ("features"): the states agree to float32
+    accumulation order, the bf16 outputs to one rounding (the slices' output parts are added
+    in float32 before it)."""
+    config = _config(rule, read, expansion=expansion)
+    args = _inputs(config, 64, jnp.bfloat16, _seed("mlp-rows-jnp", rule, read), 70)
+    out, state = kernel_memory(*args, config, driver="chunk_loop", interpret=self.INTERPRET,
+                               blocks=MOSAIC)
+    want_out, want_state = jax.jit(lambda a: kernel_memory_reference(*a, config))(args)
+    assert_trees_rel_close(self, state, want_state, 1e-5, "state")
+    assert_trees_rel_close(self, out.astype(jnp.float32), want_out.astype(jnp.float32), 8e-3,
+                           "out")
+
+  def test_memory_op_routes_to_the_mosaic_mlp_kernel(self):
+    config = _config(expansion=4.0)
+    q, k, v, g, s = _inputs(config, 64, jnp.bfloat16, 5)
+    calls = self._forward_spy()
+    memory_op(q, k, v, g, s, {}, config, kernel_blocks=MOSAIC,
+              implementation="pallas_interpret" if self.INTERPRET else "pallas")
+    # 2 rows, 3 chunks, [d, C] features; W1 [rows, hidden, d].
+    self.assertEqual(calls, [((2, 3, 64, 16), (2, 256, 64))])
+
+
+class MosaicMlpRowsInterpretTest(MosaicMlpRowsTest):
+  INTERPRET = True
+
+
+class MosaicMlpRowsRulesTest(parameterized.TestCase):
+  """Which mlp ops the Mosaic GPU row kernel takes (no kernel runs)."""
+
+  def _reason(self, config, head_dim=64, dtype=jnp.bfloat16, interpret=True):
+    return chunk_memory.rows_blocks(config, head_dim, dtype, driver="chunk_loop",
+                                    interpret=interpret, blocks=MOSAIC)[1]
+
+  def test_supported(self):
+    for expansion in (1.0, 2.0, 3.0, 4.0):
+      self.assertIsNone(self._reason(_config(expansion=expansion)))
+    self.assertIsNone(self._reason(_config("gd", "chunk_start", "dot", chunk=32, expansion=4.0)))
+    self.assertIsNone(self._reason(_config(chunk=4)))           # padded to 16
+
+  def test_refusals_name_the_value(self):
+    self.assertIn("depth=3", self._reason(_config(depth=3)))
+    self.assertIn("hidden width 320", self._reason(_config(expansion=5.0)))
+    self.assertIn("hidden width 96", self._reason(_config(expansion=1.5)))
+    self.assertIn("head_dim=128", self._reason(_config(), head_dim=128))
+    self.assertIn("dtype=float32", self._reason(_config(), dtype=jnp.float32))
+    self.assertIn("chunk=128", self._reason(_config(chunk=100)))
+    # Titans with hidden 256 at chunks of 32: its blocks, inputs and exchange need > 227 KiB.
+    self.assertIn("shared memory", self._reason(_config(chunk=32, expansion=4.0)))
+    if jax.default_backend() != "gpu":
+      self.assertIn("Mosaic GPU kernels run on NVIDIA Hopper GPUs",
+                    self._reason(_config(), interpret=False))
+
+  def test_refused_ops_run_on_the_pallas_row_kernel(self):
+    blocks, reason = chunk_memory.rows_blocks(_config(expansion=5.0), 64, jnp.bfloat16,
+                                              driver="chunk_loop", interpret=True,
+                                              blocks=KernelBlocks(row_lowering="mosaic_gpu"))
+    self.assertIsNotNone(reason)
+    self.assertEqual(blocks.row_lowering, "pallas")
+
+  def test_state_blocks_round_trip(self):
+    key = jax.random.key(0)
+    w1, w2 = (jax.random.normal(jax.random.fold_in(key, i), shape)
+              for i, shape in enumerate(((3, 256, 64), (3, 64, 256))))
+    blocks = chunk_rows_mgpu_mlp.split_state([w1, w2])
+    self.assertEqual([b.shape for b in blocks], [(3, 4, 64, 64)] * 2)
+    # Slice 2 holds hidden units 128..191: W1's rows and W2's columns.
+    self.assertTrue(jnp.array_equal(blocks[0][:, 2], w1[:, 128:192]))
+    self.assertTrue(jnp.array_equal(blocks[1][:, 2], w2[:, :, 128:192]))
+    back = chunk_rows_mgpu_mlp.merge_state(blocks)
+    self.assertTrue(jnp.array_equal(back[0], w1) and jnp.array_equal(back[1], w2))
+    saved = chunk_rows_mgpu_mlp.merge_state([jnp.stack([b, 2 * b], axis=2) for b in blocks],
+                                            extra_axes=1)
+    self.assertEqual([x.shape for x in saved], [(3, 2, 256, 64), (3, 2, 64, 256)])
+    self.assertTrue(jnp.array_equal(saved[1][:, 1], 2 * w2))
+
+
+if __name__ == "__main__":
+  absltest.main()

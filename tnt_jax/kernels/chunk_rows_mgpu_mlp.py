@@ -1,0 +1,366 @@
+"""Mosaic GPU (Hopper wgmma) forward of the row kernel for a 2-layer mlp memory, its hidden units
+split over a thread-block cluster.
+
+The Titans mlp state at d = 64, hidden 256 (W1, W2 and the momentum S1, S2: 256 KiB in float32)
+fits neither one SM's registers nor its shared memory; the Pallas (Triton) row kernel spills it
+(docs/kernel_notes.md v6). Here a row's hidden units are split into slices of UNITS = 64, and each
+slice runs in its own program of a cluster (one per SM), holding only its slice of the state in
+shared memory: W1's rows [U, d] and W2's columns [d, U] (and S's), each a [64, 64] block.
+
+Per chunk, in the "features" layout ([width, C] activations; chunk_rows_mgpu has the linear
+memory's form), with slice s's blocks W1s, W2s, S1s, S2s rounded to the compute dtype:
+
+    Z = W1s K,  A = act(Z)                                                    [U, C]
+    Y = sum_s W2s A_s            (the one exchange: every program's [d, C] part, over the cluster)
+    E = dl/dy (2 (Y - V), or -V for the dot loss)                             [d, C]
+    D = (W2s^T E) * act'(Z)                                                   [U, C]
+    read, layer 1:  Zq = a (W1s Q) + b (S1s Q) + D (X * (K^T Q))      (chunk-start: Zq = W1s Q)
+    read, layer 2:  O_s = a (W2s Aq) + b (S2s Aq) + E (X * (A^T Aq)),  Aq = act(Zq)
+    update:  W1s' = p W1s + q S1s + (c D) K^T,   S1s' = r S1s + (s D) K^T
+             W2s' = p W2s + q S2s + (c E) A^T,   S2s' = r S2s + (s E) A^T
+
+Every term but Y and the output is the slice's own: a 2-layer mlp's hidden units couple only
+through the layer-2 sum. Y is summed before E is formed (each program stores its part into every
+program's shared memory, `plgpu.async_store_smem`, and sums the parts in slice order, so every
+program holds the same Y). The output's parts (the A^T Aq scores are a sum over hidden units too)
+leave the kernel in float32 and XLA adds them, which is the same sum in another order.
+
+A^T Aq and the update's A^T need A token-major: A is also computed at 64 zero-padded tokens
+(Z from the keys' padded token-major copy, act(0) = 0 for every activation here) and read
+through `plgpu.transpose_ref`. The interpreter has neither transposed refs nor cluster stores:
+interpreted, one program runs every slice of its row in turn (the same per-slice code, the parts
+summed in the same order) and transposes are written into spare buffers. Chunk inputs arrive by
+TMA one chunk ahead (two slots), as in chunk_rows_mgpu.
+
+Backward: the row kernel's custom_vjp re-runs this forward per checkpoint group and walks the
+group with the Pallas reverse kernel (Triton on the GPU), as for every op the Mosaic GPU reverse
+walk does not take.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_END_SS0,
+                                             ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
+                                             ROW_READ_W0, SCORE_ROWS, mms)
+from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _plgpu, _smem,
+                                              _store, hopper_reason, operand_reason)
+from tnt_jax.kernels.step_math import act_and_grad
+
+UNITS = 64           # hidden units per program: the M of its layer-1 products
+MAX_SLICES = 4       # programs per cluster (the exchange buffer grows with it)
+HEAD_DIM = 64        # d: every state block is [64, 64]
+
+
+def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int) -> int:
+  """Shared memory of one compiled program (one slice): its state blocks (float32 + compute-dtype
+  copy), two slots of chunk inputs, the exchange buffer and the staging buffers."""
+  d, u, blocks, n_upd = head_dim, UNITS, 4 if momentum else 2, 2 if momentum else 1
+  state = blocks * u * d * (4 + 2)
+  inputs = 2 * (3 * d * chunk * 2 + SCORE_ROWS * d * 2 + COEF_ROWS * chunk * 4
+                + SCORE_ROWS * chunk * 4)
+  exchange = 2 * (slices if slices > 1 else 1) * d * chunk * 4
+  staging = (u * chunk * 2 * (3 + n_upd) + u * SCORE_ROWS * 2 + d * chunk * 2 * (1 + n_upd)
+             + SCORE_ROWS * chunk * 2 * 2 + d * chunk * 4)
+  return state + inputs + exchange + staging + 4096      # + barriers and alignment
+
+
+def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bool) -> str | None:
+  """Why this kernel cannot run the forward of this op (None when it can). chunk: the kernel's
+  (padded) chunk; compiled: on a GPU rather than the interpreter."""
+  model = config.model
+  kernel = "mlp row kernel"
+  if model.kind != "mlp" or model.depth != 2:
+    return (f"memory model kind={model.kind!r} depth={getattr(model, 'depth', 1)} (the Mosaic "
+            f"GPU {kernel} does 2-layer mlp memories)")
+  if (reason := operand_reason(kernel, head_dim, dtype)) is not None:
+    return reason
+  if head_dim != HEAD_DIM:
+    return f"head_dim={head_dim} (the Mosaic GPU {kernel} takes head_dim={HEAD_DIM})"
+  hidden = model.hidden_dim(head_dim)
+  if hidden % UNITS or not 1 <= hidden // UNITS <= MAX_SLICES:
+    return (f"mlp hidden width {hidden} (the Mosaic GPU {kernel} splits it into 1 to "
+            f"{MAX_SLICES} slices of {UNITS} units)")
+  if chunk not in CHUNKS:
+    return (f"chunk={chunk} (padded from {config.chunk_size}): the Mosaic GPU {kernel} takes "
+            f"chunks of {CHUNKS} tokens")
+  need = smem_bytes(head_dim, chunk, config.rule.has_momentum, hidden // UNITS)
+  if need > SMEM_BYTES:
+    return (f"shared memory {need} bytes at head_dim={head_dim}, hidden {hidden}, chunk={chunk} "
+            f"> {SMEM_BYTES} for the {kernel}")
+  return hopper_reason(kernel) if compiled else None
+
+
+def split_state(state):
+  """Row states [W1 [R, h, d], W2 [R, d, h]] (+ [S1, S2]) as [R, slices, 64, 64] blocks: W1's
+  rows and W2's columns of each slice of UNITS hidden units."""
+  out = []
+  for i, x in enumerate(state):
+    rows = x.shape[0]
+    if i % 2 == 0:
+      out.append(x.reshape(rows, -1, UNITS, x.shape[2]))
+    else:
+      out.append(jnp.moveaxis(x.reshape(rows, x.shape[1], -1, UNITS), 2, 1))
+  return out
+
+
+def merge_state(blocks, extra_axes: int = 0):
+  """`split_state`'s inverse, for blocks [R, slices, (extra axes...,) 64, 64]."""
+  out = []
+  for i, x in enumerate(blocks):
+    x = jnp.moveaxis(x, 1, 1 + extra_axes)          # [R, extra..., slices, a, b]
+    lead = x.shape[:1 + extra_axes]
+    if i % 2 == 0:
+      out.append(x.reshape(lead + (-1, x.shape[-1])))
+    else:
+      out.append(jnp.moveaxis(x, -3, -2).reshape(lead + (x.shape[-2], -1)))
+  return out
+
+
+def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
+                     save_every: int | None, interpret):
+  """The forward over every row's chunks.
+
+  qt, kt, vt: [R, N, d, C] compute dtype (features layout); packed [R, N, 8, C] and read_x
+  [R, N, C, C] float32 or None (chunk_rows_mgpu.pack_coefficients); state: [W1, W2] or
+  [W1, W2, S1, S2] float32 ([R, h, d], [R, d, h]). Returns (out [R, N, d, C] compute dtype,
+  final (as state), saved: the start states of chunks 0, s, 2s, ... ([R, ceil(N / s), ...] per
+  leaf) for save_every=s, [] for None)."""
+  plgpu = _plgpu()
+  rows, num_chunks, d, chunk = qt.shape
+  cd = qt.dtype
+  f32 = jnp.float32
+  n_slices = state[0].shape[1] // UNITS
+  cluster = 1 if interpret else n_slices         # programs per row
+  local = n_slices // cluster                   # slices per program
+  momentum = len(state) == 4
+  cumulative = read_x is not None
+  n_states = len(state)
+  w1, w2, s1, s2 = 0, 1, 2, 3                   # state leaves
+  keys = jnp.swapaxes(kt, 2, 3)                 # [R, N, C, d]: token-major keys
+  n_saved = 0 if save_every is None else -(-num_chunks // save_every)
+  inputs = [qt, kt, vt, keys, packed] + ([read_x] if cumulative else [])
+  n_loads = len(inputs)
+  exchange = cluster > 1
+  act = lambda z: act_and_grad(activation, z)
+
+  def body(*refs):
+    ins, refs = refs[:n_loads], refs[n_loads:]
+    state_g, refs = refs[:n_states], refs[n_states:]
+    out_g, refs = refs[0], refs[1:]
+    final_g, refs = refs[:n_states], refs[n_states:]
+    saved_g, refs = (refs[:n_states], refs[n_states:]) if n_saved else ((), refs)
+    (st32, stcd, qt_s, kt_s, vt_s, keys_s, coef_s, rx_s, a_s, ap_s, d_s, cd_s, aq_s, e_s, ce_s,
+     p1_s, p2_s, ysum_s, o_s, barrier, xbar, *spares) = refs
+    r = lax.axis_index("rows")
+    c = lax.axis_index("slices") if exchange else 0
+    slots = [qt_s, kt_s, vt_s, keys_s, coef_s] + ([rx_s] if cumulative else [])
+
+    def transposed(ref, spare):
+      """ref^T as a wgmma operand: a transposed view when compiled, a written copy when not."""
+      if not interpret:
+        return plgpu.transpose_ref(ref, (1, 0))
+      spares[spare][...] = ref[...].T
+      return spares[spare]
+
+    def fetch(n, slot):
+      for i, (src, dst) in enumerate(zip(ins, slots)):
+        dst = dst.at[slot]
+        if i == 3 or (cumulative and i == 5):
+          dst = dst.at[:chunk]                             # rows past C stay zero
+        plgpu.copy_gmem_to_smem(src.at[r, n], dst, barrier.at[slot * n_loads + i])
+
+    for slot in range(2):
+      keys_s[slot] = jnp.zeros((SCORE_ROWS, d), cd)
+      if cumulative:
+        rx_s[slot] = jnp.zeros((SCORE_ROWS, chunk), f32)
+    state_barrier = 2 * n_loads
+    for i in range(n_states):
+      for l in range(local):
+        plgpu.copy_gmem_to_smem(state_g[i].at[r, c * local + l], st32.at[i, l],
+                                barrier.at[state_barrier + i * local + l])
+    for i in range(n_states):
+      for l in range(local):
+        plgpu.barrier_wait(barrier.at[state_barrier + i * local + l])
+        stcd[i, l] = st32[i, l].astype(cd)
+    plgpu.commit_smem()
+    fetch(0, 0)
+
+    def row_of(slot, index, width):
+      return lax.broadcast_in_dim(coef_s[slot, index], (width, chunk), (1,))
+
+    def scalar_of(slot, index):
+      return coef_s[slot, index, 0]
+
+    @pl.loop(0, num_chunks)
+    def _(n):
+      slot = lax.rem(n, 2)
+      for i in range(n_loads):
+        plgpu.barrier_wait(barrier.at[slot * n_loads + i])
+
+      @pl.when(n + 1 < num_chunks)
+      def _():
+        fetch(n + 1, 1 - slot)
+
+      if n_saved:
+        @pl.when(lax.rem(n, save_every) == 0)
+        def _():
+          for i in range(n_states):
+            for l in range(local):
+              plgpu.copy_smem_to_gmem(st32.at[i, l],
+                                      saved_g[i].at[r, c * local + l, n // save_every])
+
+      qt_c, kt_c, keys_c = qt_s.at[slot], kt_s.at[slot], keys_s.at[slot]
+      keys_t = transposed(keys_c, 0)                         # [d, 64 padded tokens]
+      # Round 1 (per slice): layer 1 at the keys, at the padded keys and at the queries.
+      kept, y_parts = [], []
+      for l in range(local):
+        products = [([(stcd.at[w1, l], kt_c)], (UNITS, chunk)),
+                    ([(stcd.at[w1, l], keys_t)], (UNITS, SCORE_ROWS)),
+                    ([(stcd.at[w1, l], qt_c)], (UNITS, chunk))]
+        if cumulative and momentum:
+          products.append(([(stcd.at[s1, l], qt_c)], (UNITS, chunk)))
+        if cumulative and l == 0:
+          products.append(([(keys_c, qt_c)], (SCORE_ROWS, chunk)))
+        z, zp, zw, *rest = mms(products)
+        a, da = act(z)
+        a_s[l] = a.astype(cd)
+        ap_s[l] = act(zp)[0].astype(cd)
+        plgpu.commit_smem()
+        y_parts.append(mms([([(stcd.at[w2, l], a_s.at[l])], (d, chunk))])[0])
+        kept.append((da, zw, rest))
+      scores_kq = kept[0][2][-1] if cumulative else None
+
+      # The exchange: Y, summed in slice order by every program.
+      if exchange:
+        for p in range(n_slices):
+          plgpu.async_store_smem(y_parts[0], ysum_s.at[slot, c], xbar.at[slot],
+                                 cluster_idx=p, cluster_dim="slices")
+        plgpu.barrier_wait(xbar.at[slot])
+        y = ysum_s[slot, 0]
+        for p in range(1, n_slices):
+          y = y + ysum_s[slot, p]
+      else:
+        y = y_parts[0]
+        for part in y_parts[1:]:
+          y = y + part
+      v = vt_s[slot].astype(f32)
+      e = 2.0 * (y - v) if l2 else -v
+      e_s[...] = e.astype(cd)
+      ce_s[0] = (row_of(slot, ROW_END_X, d) * e).astype(cd)
+      if momentum:
+        ce_s[1] = (row_of(slot, ROW_END_SX, d) * e).astype(cd)
+      if cumulative:
+        p1_s[...] = (rx_s[slot] * scores_kq).astype(cd)
+      plgpu.commit_smem()
+
+      key_rows = keys_c.at[:chunk]
+      for l in range(local):
+        da, zw, rest = kept[l]
+        # Round 3: the error pulled back through layer 2, then layer 1's delta D.
+        back = mms([([(transposed(stcd.at[w2, l], 1), e_s)], (UNITS, chunk))])[0]
+        delta = back * da
+        d_s[l] = delta.astype(cd)
+        cd_s[l, 0] = (row_of(slot, ROW_END_X, UNITS) * delta).astype(cd)
+        if momentum:
+          cd_s[l, 1] = (row_of(slot, ROW_END_SX, UNITS) * delta).astype(cd)
+        plgpu.commit_smem()
+        # Round 4: the read's layer-1 mix and the update's outer products.
+        a_t = transposed(a_s.at[l], 2)                      # [C, U]
+        products = [([(cd_s.at[l, 0], key_rows)], (UNITS, d)),
+                    ([(ce_s.at[0], a_t)], (d, UNITS))]
+        if momentum:
+          products += [([(cd_s.at[l, 1], key_rows)], (UNITS, d)),
+                       ([(ce_s.at[1], a_t)], (d, UNITS))]
+        if cumulative:
+          products.append(([(d_s.at[l], p1_s.at[:chunk])], (UNITS, chunk)))
+        upd = mms(products)
+        if cumulative:
+          zq = row_of(slot, ROW_READ_W0, UNITS) * zw + upd[-1]
+          if momentum:
+            zq = zq + row_of(slot, ROW_READ_S0, UNITS) * rest[0]
+        else:
+          zq = zw
+        aq_s[l] = act(zq)[0].astype(cd)
+        plgpu.commit_smem()
+        # Round 5: layer 2 of the read; its scores against the keys' hidden activations.
+        products = [([(stcd.at[w2, l], aq_s.at[l])], (d, chunk))]
+        if cumulative:
+          products.append(([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk)))
+          if momentum:
+            products.append(([(stcd.at[s2, l], aq_s.at[l])], (d, chunk)))
+        read = mms(products)
+        out = read[0]
+        if cumulative:
+          p2_s[...] = (rx_s[slot] * read[1]).astype(cd)
+          plgpu.commit_smem()
+          out = row_of(slot, ROW_READ_W0, d) * out + mms([([(e_s, p2_s.at[:chunk])],
+                                                          (d, chunk))])[0]
+          if momentum:
+            out = out + row_of(slot, ROW_READ_S0, d) * read[2]
+        # Its wait for earlier copies from shared memory covers this chunk's saved state too.
+        _store(out, o_s, out_g.at[r, c * local + l, n])
+        # The slice's state update (its compute-dtype copy is read by no later product).
+        p_w0, q_s0 = scalar_of(slot, ROW_END_W0), scalar_of(slot, ROW_END_S0)
+        for leaf, new_upd, new_s_upd in ((w1, upd[0], upd[2] if momentum else None),
+                                         (w2, upd[1], upd[3] if momentum else None)):
+          old_w = st32[leaf, l]
+          new_w = p_w0 * old_w + new_upd
+          if momentum:
+            old_s = st32[leaf + 2, l]
+            new_w = new_w + q_s0 * old_s
+            new_s = scalar_of(slot, ROW_END_SS0) * old_s + new_s_upd
+            st32[leaf + 2, l] = new_s
+            stcd[leaf + 2, l] = new_s.astype(cd)
+          st32[leaf, l] = new_w
+          stcd[leaf, l] = new_w.astype(cd)
+        plgpu.commit_smem()
+
+    for i in range(n_states):
+      for l in range(local):
+        plgpu.copy_smem_to_gmem(st32.at[i, l], final_g[i].at[r, c * local + l])
+    plgpu.wait_smem_to_gmem(0)
+
+  blocks = split_state(state)
+  out_types = [jax.ShapeDtypeStruct((rows, n_slices, num_chunks, d, chunk), f32)]
+  out_types += [jax.ShapeDtypeStruct((rows, n_slices, UNITS, d), f32)] * n_states
+  out_types += [jax.ShapeDtypeStruct((rows, n_slices, n_saved, UNITS, d), f32)] * (
+      n_states if n_saved else 0)
+  # A wgmma's two shared-memory operands share one tiling: every operand buffer takes the
+  # swizzle of a C-token row (32 bytes at C = 16).
+  swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
+  operand = lambda shape: _smem(shape, cd, swizzle)
+  n_upd = 2 if momentum else 1
+  scratch = [
+      _smem((n_states, local, UNITS, d), f32), operand((n_states, local, UNITS, d)),
+      operand((2, d, chunk)), operand((2, d, chunk)), operand((2, d, chunk)),
+      operand((2, SCORE_ROWS, d)), plgpu.SMEM((2, COEF_ROWS, chunk), f32),
+      plgpu.SMEM((2, SCORE_ROWS, chunk), f32),
+      operand((local, UNITS, chunk)), operand((local, UNITS, SCORE_ROWS)),     # A, A (padded)
+      operand((local, UNITS, chunk)), operand((local, n_upd, UNITS, chunk)),  # D, (c D, s D)
+      operand((local, UNITS, chunk)),                                         # Aq
+      operand((d, chunk)), operand((n_upd, d, chunk)),                        # E, (c E, s E)
+      operand((SCORE_ROWS, chunk)), operand((SCORE_ROWS, chunk)),             # P1, P2
+      _smem((2, n_slices if exchange else 1, d, chunk), f32),                 # Y's parts
+      plgpu.SMEM((d, chunk), f32),                                            # out staging
+      plgpu.Barrier(num_barriers=2 * n_loads + n_states * local),
+      plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
+  if interpret:   # transposed copies (`transposed`): keys^T, W2s^T, A^T, A (padded)^T
+    scratch += [operand((d, SCORE_ROWS)), operand((UNITS, d)), operand((chunk, UNITS)),
+                operand((SCORE_ROWS, UNITS))]
+  launch = dict(grid=(rows,), grid_names=("rows",))
+  if exchange:
+    launch.update(cluster=(n_slices,), cluster_names=("slices",))
+  results = plgpu.kernel(
+      body, out_type=out_types, scratch_types=scratch, **launch,
+      interpret=_interpret_params(interpret),
+      compiler_params=plgpu.CompilerParams(
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *blocks)
+  out = results[0].sum(axis=1).astype(cd)
+  final = merge_state(results[1:1 + n_states])
+  saved = merge_state(results[1 + n_states:], extra_axes=1) if n_saved else []
+  return out, final, saved
