@@ -246,7 +246,10 @@ class MosaicRowsRulesTest(parameterized.TestCase):
     self.assertEqual(lowering(_config(), h100), "mosaic_gpu")
     self.assertEqual(lowering(_config("gd"), h100), "mosaic_gpu")
     self.assertEqual(lowering(_config("gd", "chunk_start"), h100), "pallas")
-    self.assertEqual(lowering(_config(model=MemoryModel("mlp", expansion=1.0)), h100), "pallas")
+    self.assertEqual(lowering(_config(model=MemoryModel("mlp", expansion=4.0)), h100),
+                     "mosaic_gpu")
+    self.assertEqual(lowering(_config(model=MemoryModel("mlp", depth=3)), h100), "pallas")
+    self.assertEqual(lowering(_config(model=MemoryModel("swiglu")), h100), "pallas")
     self.assertEqual(lowering(_config(), h100, dtype=jnp.float32), "pallas")   # Mosaic refuses
     self.assertEqual(lowering(_config(), h100, layout="tokens"), "pallas")
     self.assertEqual(lowering(_config(), h100, interpret=True), "pallas")

@@ -306,12 +306,12 @@ def rows_blocks(config: MemoryConfig, head_dim: int, dtype, *, driver: str, inte
 def _mosaic_rows_measured_faster(config: MemoryConfig, driver: str, interpret: bool,
                                  blocks: KernelBlocks) -> bool:
   """Where row_lowering="auto" picks the Mosaic GPU row kernel: compiled on a Hopper GPU, a
-  linear memory with the cumulative read (the chunk-start read at C = 16 was 5% slower there:
-  docs/kernel_notes.md v13), in the layout that kernel runs."""
+  linear or mlp memory with the cumulative read (the linear chunk-start read at C = 16 was 5%
+  slower there: docs/kernel_notes.md v13; the mlp's: v17), in the layout that kernel runs."""
   if (interpret or driver != "chunk_loop" or blocks.layout == "tokens" or blocks.hidden_slice
       or (blocks.value_split or 1) > 1):
     return False
-  if config.model.kind != "linear" or config.read != "cumulative":
+  if config.read != "cumulative" or config.model.kind not in ("linear", "mlp"):
     return False
   from tnt_jax.kernels.chunk_start_mgpu import hopper_reason
   return hopper_reason("row kernels") is None
@@ -386,8 +386,9 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
   if not tiled:
     blocks, _ = rows_blocks(config, head_dim, dtype, driver=driver, interpret=interpret,
                             blocks=blocks)
-    if blocks.row_lowering == "mosaic_gpu":
+    if blocks.row_lowering == "mosaic_gpu" and model.kind == "linear":
       return None        # the backward runs the Pallas reverse kernel where its walk does not fit
+    # An mlp's backward is the Pallas reverse kernel's: its rules below apply.
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
   split = value_split(config, head_dim, driver, blocks, dtype=dtype, interpret=interpret)

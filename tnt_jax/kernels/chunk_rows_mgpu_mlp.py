@@ -52,7 +52,9 @@ from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _pl
 from tnt_jax.kernels.step_math import act_and_grad
 
 UNITS = 64           # hidden units per program: the M of its layer-1 products
-MAX_SLICES = 4       # programs per cluster (the exchange buffer grows with it)
+SLICES = (1, 2, 4)   # programs per cluster (the exchange buffer grows with it; the backward's
+                     # Pallas reverse kernel takes power-of-2 widths only)
+SLICES_OF_UNITS = tuple(UNITS * s for s in SLICES)
 HEAD_DIM = 64        # d: every state block is [64, 64]
 
 
@@ -82,9 +84,9 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
   if head_dim != HEAD_DIM:
     return f"head_dim={head_dim} (the Mosaic GPU {kernel} takes head_dim={HEAD_DIM})"
   hidden = model.hidden_dim(head_dim)
-  if hidden % UNITS or not 1 <= hidden // UNITS <= MAX_SLICES:
-    return (f"mlp hidden width {hidden} (the Mosaic GPU {kernel} splits it into 1 to "
-            f"{MAX_SLICES} slices of {UNITS} units)")
+  if hidden not in SLICES_OF_UNITS:
+    return (f"mlp hidden width {hidden} (the Mosaic GPU {kernel} splits it into "
+            f"{', '.join(map(str, SLICES))} slices of {UNITS} units)")
   if chunk not in CHUNKS:
     return (f"chunk={chunk} (padded from {config.chunk_size}): the Mosaic GPU {kernel} takes "
             f"chunks of {CHUNKS} tokens")

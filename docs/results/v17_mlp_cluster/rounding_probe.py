@@ -27,8 +27,8 @@ from tnt_jax.kernels.step_math import act_and_grad
 
 def mosaic_map(fn, x):
   def body(x_g, o_g, x_s, o_s, bar):
-    plgpu.copy_gmem_to_smem(x_g, x_s, bar.at[0])
-    plgpu.barrier_wait(bar.at[0])
+    plgpu.copy_gmem_to_smem(x_g, x_s, bar)
+    plgpu.barrier_wait(bar)
     o_s[...] = fn(x_s[...])
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o_g)
