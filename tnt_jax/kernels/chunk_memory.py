@@ -124,18 +124,21 @@ class KernelBlocks:
     on other platforms only when interpret is set); `tile` is then rounded up to a multiple of
     its 64-token wgmma tile and sets each program's token split.
   row_lowering: which kernel runs the row forward. "auto" (the default): "mosaic_gpu" where it
-    was measured faster -- a linear memory with the cumulative read, compiled on a Hopper GPU
-    (H100, 32K tokens, fwd+bwd: Titans C = 16 1.5x Triton's, gd 1.3x, a TNT memory's local
-    1.1x; docs/kernel_notes.md v13-v14) -- and where that kernel takes the op; "pallas"
+    was measured faster -- a linear or 2-layer mlp memory with the cumulative read, compiled on
+    a Hopper GPU (H100, 32K tokens, fwd+bwd: linear Titans C = 16 1.5x Triton's, gd 1.3x, a TNT
+    memory's local 1.1x; the Titans mlp with hidden 256 1.3x, a TNT memory of them 1.04x;
+    docs/kernel_notes.md v13-v14, v17) -- and where that kernel takes the op; "pallas"
     elsewhere, without a log line. "pallas": the chunk loop above (Triton on the
-    GPU, Mosaic TPU, or interpreted). "mosaic_gpu": kernels/chunk_rows_mgpu.py, Hopper wgmma
-    through Pallas' Mosaic GPU lowering (bf16 linear memories in the "features" layout, chunks
-    padded to 16, 32 or 64; interpreted elsewhere when interpret is set). Its fused backward
+    GPU, Mosaic TPU, or interpreted). "mosaic_gpu": Hopper wgmma through Pallas' Mosaic GPU
+    lowering, bf16, the "features" layout, chunks padded to 16, 32 or 64 (interpreted elsewhere
+    when interpret is set): kernels/chunk_rows_mgpu.py for linear memories, whose fused backward
     walks the chunks on kernels/chunk_rows_mgpu_reverse.py where that fits in shared memory (gd
-    at chunks of 16 and 32, Titans at 16, d = 64), else on the Pallas reverse kernel. An op the
-    Mosaic GPU kernel does not take (an mlp, Titans at d = 128, ...) runs on the Pallas row
-    kernel, forward and backward, with the reason logged once (`rows_blocks`), so one setting
-    serves every memory of a model.
+    at chunks of 16 and 32, Titans at 16, d = 64), else on the Pallas reverse kernel; and
+    kernels/chunk_rows_mgpu_mlp.py for 2-layer mlps at d = 64 with hidden 64, 128 or 256 (one
+    program of a thread-block cluster per 64 hidden units), whose backward is the Pallas
+    reverse kernel's (token-major). An op the Mosaic GPU kernel does not take (swiglu, a deeper
+    mlp, Titans at d = 128, ...) runs on the Pallas row kernel, forward and backward, with the
+    reason logged once (`rows_blocks`), so one setting serves every memory of a model.
   reverse_lowering: the fused backward's reverse walk: "" follows row_lowering, "pallas" forces
     the Pallas reverse kernel after a Mosaic GPU forward (to compare the two), "mosaic_gpu"
     needs row_lowering="mosaic_gpu" (its saved states and layout).
