@@ -93,6 +93,9 @@ flags.DEFINE_list("kinds", ["tnt", "titans"], "layer mode: layer kinds")
 flags.DEFINE_integer("d_model", 768, "layer mode: model width")
 flags.DEFINE_integer("tokens", 32768, "layer mode: tokens per step (batch = tokens / length)")
 flags.DEFINE_integer("global_chunk", 2048, "layer mode: TNT's C_G")
+flags.DEFINE_list("layer_implementations", ["xla"], "layer mode: the memory op implementations "
+                  "(MemoryLayerConfig.implementation: xla | pallas | ...) to time each TNT and "
+                  "Titans layer with")
 flags.DEFINE_integer("shard_length", 2048, "layer mode: TNT's S_L")
 flags.DEFINE_list("models", ["mlp", "linear"], "memory models")
 flags.DEFINE_list("chunks", ["8", "16", "64", "256", "2048"], "chunk sizes")
@@ -402,9 +405,9 @@ def _attention_case(b, length, h, d, dtype, backward):
   return (q, k, v), grad
 
 
-def layer_config(kind: str, chunk: int, length: int):
+def layer_config(kind: str, chunk: int, length: int, implementation: str = "xla"):
   common = dict(d_model=FLAGS.d_model, num_heads=FLAGS.heads, head_dim=FLAGS.head_dim,
-                remat=FLAGS.remat)
+                remat=FLAGS.remat, implementation=implementation)
   if kind == "titans":
     return TitansLayerConfig(chunk_size=chunk, **common)
   shard = min(FLAGS.shard_length, length)
@@ -417,21 +420,23 @@ def run_layer_mode(peak):
   for length in map(int, FLAGS.lengths):
     batch = max(1, FLAGS.tokens // length)
     x = jax.random.normal(jax.random.key(0), (batch, length, FLAGS.d_model), dtype)
-    cases = [(kind, int(c)) for kind in FLAGS.kinds for c in FLAGS.chunks]
+    cases = [(kind, int(c), impl) for kind in FLAGS.kinds for c in FLAGS.chunks
+             for impl in FLAGS.layer_implementations]
     if FLAGS.attention:
-      cases.append(("attention", 0))
-    for kind, chunk in cases:
+      cases.append(("attention", 0, "cudnn" if jax.default_backend() == "gpu" else "xla"))
+    for kind, chunk, implementation in cases:
       for pass_name in FLAGS.passes:
         backward = pass_name == "fwd+bwd"
         row = dict(mode="layer", device=jax.devices()[0].device_kind, model=kind, read="",
                    rule="", chunk=chunk, length=length, unroll="auto", batch=batch,
                    heads=FLAGS.heads, head_dim=FLAGS.head_dim, d_model=FLAGS.d_model,
-                   dtype=str(dtype), passes=pass_name, remat=FLAGS.remat)
+                   dtype=str(dtype), passes=pass_name, remat=FLAGS.remat,
+                   implementation=implementation)
         try:
           if kind == "attention":
             fn, args, count = _attention_layer_case(x, backward)
           else:
-            config = layer_config(kind, chunk, length)
+            config = layer_config(kind, chunk, length, implementation)
             fn, args = _layer_case(config, x, dtype, backward)
             count = memory_layer_flops(config, batch, length, backward)
           yield timed_variant(fn, args, count, peak, row)
@@ -479,6 +484,8 @@ def _attention_layer_case(x, backward):
 def format_row(r) -> str:
   name = (f"{r['model']:10s} {r['rule'] or '-':6s} {r['read']:11s} C={r['chunk']:<5d} "
           f"u={r['unroll']:<4} T={r['length']:<6d}")
+  if r["mode"] == "layer":
+    name += f" {r.get('implementation', 'xla'):6s}"
   if "error" in r:
     return f"{name} {r['passes']:8s} FAILED {r['error']}"
   return (f"{name} {r['passes']:8s} {r['tokens_per_s'] / 1e3:10.1f}K tok/s "
@@ -509,13 +516,16 @@ def plot(path: str, prefix: str):
       return None
   for pass_name in sorted({r["passes"] for r in rows}):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = sorted({(r["model"], r["read"], r["length"]) for r in rows
+    # One line per path too: rows of several implementations at one chunk are not a curve.
+    path = lambda r: r.get("implementation", "xla")
+    series = sorted({(r["model"], r["read"], r["length"], path(r)) for r in rows
                      if r["passes"] == pass_name and r["model"] != "attention"})
-    for model, read, length in series:
+    for model, read, length, impl in series:
       pts = sorted((r["chunk"], r["tokens_per_s"]) for r in rows
-                   if (r["model"], r["read"], r["length"], r["passes"]) ==
-                   (model, read, length, pass_name) and r["unroll"] == "auto")
-      ax.plot(*zip(*pts), marker="o", label=f"{model} {read} T={length}".replace("  ", " "))
+                   if (r["model"], r["read"], r["length"], r["passes"], path(r)) ==
+                   (model, read, length, pass_name, impl) and r["unroll"] == "auto")
+      ax.plot(*zip(*pts), marker="o",
+              label=f"{model} {read} T={length} {impl}".replace("  ", " "))
     for r in rows:
       if r["model"] == "attention" and r["passes"] == pass_name:
         ax.axhline(r["tokens_per_s"], ls="--", lw=1, color="gray")
