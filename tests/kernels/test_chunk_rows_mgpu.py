@@ -248,6 +248,8 @@ class MosaicRowsRulesTest(parameterized.TestCase):
     self.assertEqual(lowering(_config("gd", "chunk_start"), h100), "pallas")
     self.assertEqual(lowering(_config(model=MemoryModel("mlp", expansion=4.0)), h100),
                      "mosaic_gpu")
+    self.assertEqual(lowering(_config("gd", "chunk_start", model=MemoryModel("mlp")), h100),
+                     "mosaic_gpu")
     self.assertEqual(lowering(_config(model=MemoryModel("mlp", depth=3)), h100), "pallas")
     self.assertEqual(lowering(_config(model=MemoryModel("swiglu")), h100), "pallas")
     self.assertEqual(lowering(_config(), h100, dtype=jnp.float32), "pallas")   # Mosaic refuses

@@ -151,22 +151,6 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
     self.assertIsNotNone(reason)
     self.assertEqual(blocks.row_lowering, "pallas")
 
-  def test_state_blocks_round_trip(self):
-    key = jax.random.key(0)
-    w1, w2 = (jax.random.normal(jax.random.fold_in(key, i), shape)
-              for i, shape in enumerate(((3, 256, 64), (3, 64, 256))))
-    blocks = chunk_rows_mgpu_mlp.split_state([w1, w2])
-    self.assertEqual([b.shape for b in blocks], [(3, 4, 64, 64)] * 2)
-    # Slice 2 holds hidden units 128..191: W1's rows and W2's columns.
-    self.assertTrue(jnp.array_equal(blocks[0][:, 2], w1[:, 128:192]))
-    self.assertTrue(jnp.array_equal(blocks[1][:, 2], w2[:, :, 128:192]))
-    back = chunk_rows_mgpu_mlp.merge_state(blocks)
-    self.assertTrue(jnp.array_equal(back[0], w1) and jnp.array_equal(back[1], w2))
-    saved = chunk_rows_mgpu_mlp.merge_state([jnp.stack([b, 2 * b], axis=2) for b in blocks],
-                                            extra_axes=1)
-    self.assertEqual([x.shape for x in saved], [(3, 2, 256, 64), (3, 2, 64, 256)])
-    self.assertTrue(jnp.array_equal(saved[1][:, 1], 2 * w2))
-
 
 if __name__ == "__main__":
   absltest.main()

@@ -124,10 +124,11 @@ class KernelBlocks:
     on other platforms only when interpret is set); `tile` is then rounded up to a multiple of
     its 64-token wgmma tile and sets each program's token split.
   row_lowering: which kernel runs the row forward. "auto" (the default): "mosaic_gpu" where it
-    was measured faster -- a linear or 2-layer mlp memory with the cumulative read, compiled on
-    a Hopper GPU (H100, 32K tokens, fwd+bwd: linear Titans C = 16 1.5x Triton's, gd 1.3x, a TNT
-    memory's local 1.1x; the Titans mlp with hidden 256 1.3x, a TNT memory of them 1.04x;
-    docs/kernel_notes.md v13-v14, v17) -- and where that kernel takes the op; "pallas"
+    was measured faster -- a linear memory with the cumulative read or a 2-layer mlp, compiled
+    on a Hopper GPU (H100, 32K tokens, fwd+bwd: linear Titans C = 16 1.5x Triton's, gd 1.3x, a
+    TNT memory's local 1.1x; the Titans mlp with hidden 256 1.3x cumulative and 1.2x
+    chunk-start, a TNT memory of them 1.04x; docs/kernel_notes.md v13-v14, v17) -- and where
+    that kernel takes the op; "pallas"
     elsewhere, without a log line. "pallas": the chunk loop above (Triton on the
     GPU, Mosaic TPU, or interpreted). "mosaic_gpu": Hopper wgmma through Pallas' Mosaic GPU
     lowering, bf16, the "features" layout, chunks padded to 16, 32 or 64 (interpreted elsewhere
@@ -309,12 +310,14 @@ def rows_blocks(config: MemoryConfig, head_dim: int, dtype, *, driver: str, inte
 def _mosaic_rows_measured_faster(config: MemoryConfig, driver: str, interpret: bool,
                                  blocks: KernelBlocks) -> bool:
   """Where row_lowering="auto" picks the Mosaic GPU row kernel: compiled on a Hopper GPU, a
-  linear or mlp memory with the cumulative read (the linear chunk-start read at C = 16 was 5%
-  slower there: docs/kernel_notes.md v13; the mlp's: v17), in the layout that kernel runs."""
+  linear memory with the cumulative read (its chunk-start read at C = 16 was 5% slower there:
+  docs/kernel_notes.md v13) or a 2-layer mlp with either read (v17), in the layout that kernel
+  runs."""
   if (interpret or driver != "chunk_loop" or blocks.layout == "tokens" or blocks.hidden_slice
       or (blocks.value_split or 1) > 1):
     return False
-  if config.read != "cumulative" or config.model.kind not in ("linear", "mlp"):
+  kind = config.model.kind
+  if not (kind == "mlp" or (kind == "linear" and config.read == "cumulative")):
     return False
   from tnt_jax.kernels.chunk_start_mgpu import hopper_reason
   return hopper_reason("row kernels") is None

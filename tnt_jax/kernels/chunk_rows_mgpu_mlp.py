@@ -97,30 +97,11 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
   return hopper_reason(kernel) if compiled else None
 
 
-def split_state(state):
-  """Row states [W1 [R, h, d], W2 [R, d, h]] (+ [S1, S2]) as [R, slices, 64, 64] blocks: W1's
-  rows and W2's columns of each slice of UNITS hidden units."""
-  out = []
-  for i, x in enumerate(state):
-    rows = x.shape[0]
-    if i % 2 == 0:
-      out.append(x.reshape(rows, -1, UNITS, x.shape[2]))
-    else:
-      out.append(jnp.moveaxis(x.reshape(rows, x.shape[1], -1, UNITS), 2, 1))
-  return out
-
-
-def merge_state(blocks, extra_axes: int = 0):
-  """`split_state`'s inverse, for blocks [R, slices, (extra axes...,) 64, 64]."""
-  out = []
-  for i, x in enumerate(blocks):
-    x = jnp.moveaxis(x, 1, 1 + extra_axes)          # [R, extra..., slices, a, b]
-    lead = x.shape[:1 + extra_axes]
-    if i % 2 == 0:
-      out.append(x.reshape(lead + (-1, x.shape[-1])))
-    else:
-      out.append(jnp.moveaxis(x, -3, -2).reshape(lead + (x.shape[-2], -1)))
-  return out
+def slice_block(leaf_ref, leaf: int, hidden_slice):
+  """The [64, 64] block of hidden slice `hidden_slice` in a state leaf's view [.., h, d] (W1,
+  S1: its rows) or [.., d, h] (W2, S2: its columns), for a TMA copy to or from shared memory."""
+  units = pl.ds(hidden_slice * UNITS, UNITS)
+  return leaf_ref.at[units, :] if leaf % 2 == 0 else leaf_ref.at[:, units]
 
 
 def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
@@ -183,7 +164,8 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
     state_barrier = 2 * n_loads
     for i in range(n_states):
       for l in range(local):
-        plgpu.copy_gmem_to_smem(state_g[i].at[r, c * local + l], st32.at[i, l],
+        plgpu.copy_gmem_to_smem(slice_block(state_g[i].at[r], i, c * local + l),
+                                st32.at[i, l],
                                 barrier.at[state_barrier + i * local + l])
     for i in range(n_states):
       for l in range(local):
@@ -213,8 +195,8 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
         def _():
           for i in range(n_states):
             for l in range(local):
-              plgpu.copy_smem_to_gmem(st32.at[i, l],
-                                      saved_g[i].at[r, c * local + l, n // save_every])
+              plgpu.copy_smem_to_gmem(st32.at[i, l], slice_block(
+                  saved_g[i].at[r, n // save_every], i, c * local + l))
 
       qt_c, kt_c, keys_c = qt_s.at[slot], kt_s.at[slot], keys_s.at[slot]
       keys_t = transposed(keys_c, 0)                         # [d, 64 padded tokens]
@@ -324,14 +306,15 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
 
     for i in range(n_states):
       for l in range(local):
-        plgpu.copy_smem_to_gmem(st32.at[i, l], final_g[i].at[r, c * local + l])
+        plgpu.copy_smem_to_gmem(st32.at[i, l],
+                                slice_block(final_g[i].at[r], i, c * local + l))
     plgpu.wait_smem_to_gmem(0)
 
-  blocks = split_state(state)
+  # The state leaves stay in their own layout; each program copies its slice's blocks.
   out_types = [jax.ShapeDtypeStruct((rows, n_slices, num_chunks, d, chunk), f32)]
-  out_types += [jax.ShapeDtypeStruct((rows, n_slices, UNITS, d), f32)] * n_states
-  out_types += [jax.ShapeDtypeStruct((rows, n_slices, n_saved, UNITS, d), f32)] * (
-      n_states if n_saved else 0)
+  out_types += [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
+  out_types += [jax.ShapeDtypeStruct((rows, n_saved) + x.shape[1:], f32)
+                for x in state] if n_saved else []
   # A wgmma's two shared-memory operands share one tiling: every operand buffer takes the
   # swizzle of a C-token row (32 bytes at C = 16).
   swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
@@ -361,8 +344,8 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       body, out_type=out_types, scratch_types=scratch, **launch,
       interpret=_interpret_params(interpret),
       compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *blocks)
+          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *state)
   out = results[0].sum(axis=1).astype(cd)
-  final = merge_state(results[1:1 + n_states])
-  saved = merge_state(results[1 + n_states:], extra_axes=1) if n_saved else []
+  final = list(results[1:1 + n_states])
+  saved = list(results[1 + n_states:]) if n_saved else []
   return out, final, saved
