@@ -139,10 +139,17 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
 
   def test_the_backward_rules_apply(self):
     # The backward is the Pallas reverse kernel's, so its compiled limits refuse the op (XLA
-    # then runs it) even where the Mosaic GPU forward would take it: here chunk 32 x hidden 256.
-    self.assertIn("max_chunk_activations", chunk_memory.unsupported_reason(
-        _config("gd", chunk=32, expansion=4.0), 64, jnp.bfloat16, driver="chunk_loop",
-        interpret=False, blocks=MOSAIC))
+    # then runs it) even where the Mosaic GPU forward takes it: chunk 32 x hidden 256, on a
+    # simulated H100 (an abstract device, as tnt_jax/platform.py reads it).
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    config = _config("gd", chunk=32, expansion=4.0)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                  abstract_device=device)):
+      self.assertIsNone(chunk_rows_mgpu_mlp.unsupported_reason(config, 64, jnp.bfloat16, 32,
+                                                               compiled=True))
+      self.assertIn("max_chunk_activations", chunk_memory.unsupported_reason(
+          config, 64, jnp.bfloat16, driver="chunk_loop", interpret=False, blocks=MOSAIC))
 
   def test_refused_ops_run_on_the_pallas_row_kernel(self):
     blocks, reason = chunk_memory.rows_blocks(_config(expansion=5.0), 64, jnp.bfloat16,

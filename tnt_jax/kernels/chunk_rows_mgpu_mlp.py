@@ -65,7 +65,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int) -> int:
   state = blocks * u * d * (4 + 2)
   inputs = 2 * (3 * d * chunk * 2 + SCORE_ROWS * d * 2 + COEF_ROWS * chunk * 4
                 + SCORE_ROWS * chunk * 4)
-  exchange = 2 * (slices if slices > 1 else 1) * d * chunk * 4
+  exchange = 2 * slices * d * chunk * 4       # Y's parts, two slots (one part for 1 slice)
   staging = (u * chunk * 2 * (3 + n_upd) + u * SCORE_ROWS * 2 + d * chunk * 2 * (1 + n_upd)
              + SCORE_ROWS * chunk * 2 * 2 + d * chunk * 4)
   return state + inputs + exchange + staging + 4096      # + barriers and alignment
