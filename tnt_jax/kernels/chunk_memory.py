@@ -394,7 +394,14 @@ def unsupported_reason(config: MemoryConfig, head_dim: int, dtype, *, driver: st
                             blocks=blocks)
     if blocks.row_lowering == "mosaic_gpu" and model.kind == "linear":
       return None        # the backward runs the Pallas reverse kernel where its walk does not fit
-    # An mlp's backward is the Pallas reverse kernel's: its rules below apply.
+    if (blocks.row_lowering == "mosaic_gpu"
+        and (blocks.reverse_lowering or blocks.row_lowering) == "mosaic_gpu"):
+      from tnt_jax.kernels import chunk_rows_mgpu_mlp_reverse
+      if chunk_rows_mgpu_mlp_reverse.unsupported_reason(
+          config, head_dim, dtype, row_chunk(config.chunk_size, driver, blocks),
+          compiled=not interpret) is None:
+        return None
+    # Else an mlp's backward is the Pallas reverse kernel's: its rules below apply.
   width = 0 if tiled else sliced_width(model, head_dim, blocks)
   shapes = model.layer_shapes(head_dim)
   split = value_split(config, head_dim, driver, blocks, dtype=dtype, interpret=interpret)
@@ -946,9 +953,12 @@ def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: 
       dict(zip(static.coef_fields, coefs)), rows, num_chunks, chunk)
   if static.config.model.kind == "mlp":
     from tnt_jax.kernels import chunk_rows_mgpu_mlp
+    # Saving every chunk's state is for the backward: the mlp reverse walk reads E beside it.
+    save_aux = save_every == 1 and _mosaic_reverse_reason(static, q) is None
     return chunk_rows_mgpu_mlp.mlp_rows_forward(
         q, k, v, packed, read_x, list(state), activation=static.config.model.activation,
-        l2=static.config.loss == "l2", save_every=save_every, interpret=static.interpret)
+        l2=static.config.loss == "l2", save_every=save_every, interpret=static.interpret,
+        save_aux=save_aux)
   return chunk_rows_mgpu.linear_rows_forward(
       q, k, v, packed, read_x, list(state), l2=static.config.loss == "l2",
       save_every=save_every, interpret=static.interpret)
@@ -960,16 +970,29 @@ def _mosaic_reverse_reason(static: _Static, q) -> str | None:
   blocks = static.blocks
   if (blocks.reverse_lowering or blocks.row_lowering) != "mosaic_gpu":
     return f"row_lowering={blocks.row_lowering!r}, reverse_lowering={blocks.reverse_lowering!r}"
-  from tnt_jax.kernels import chunk_rows_mgpu_reverse
-  return chunk_rows_mgpu_reverse.unsupported_reason(
-      static.config, q.shape[2], q.dtype, q.shape[3], compiled=static.interpret is False)
+  if static.config.model.kind == "mlp":
+    from tnt_jax.kernels import chunk_rows_mgpu_mlp_reverse as reverse
+  else:
+    from tnt_jax.kernels import chunk_rows_mgpu_reverse as reverse
+  return reverse.unsupported_reason(static.config, q.shape[2], q.dtype, q.shape[3],
+                                    compiled=static.interpret is False)
 
 
 def _mosaic_rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
-  """`_rows_backward` on the Mosaic GPU reverse walk (kernels/chunk_rows_mgpu_reverse.py)."""
+  """`_rows_backward` on the Mosaic GPU reverse walk (kernels/chunk_rows_mgpu_reverse.py, or
+  for a 2-layer mlp kernels/chunk_rows_mgpu_mlp_reverse.py, whose saved_states end with what
+  the forward saved for it beside the states)."""
   from tnt_jax.kernels import chunk_rows_mgpu, chunk_rows_mgpu_reverse
   rows, num_chunks, _, chunk = q.shape
   given = dict(zip(static.coef_fields, coefs))
+  if static.config.model.kind == "mlp":
+    from tnt_jax.kernels import chunk_rows_mgpu_mlp_reverse
+    n_states = len(d_final)
+    dq, dk, dv, d_coefs, d_init = chunk_rows_mgpu_mlp_reverse.mlp_rows_backward(
+        q, k, given, list(saved_states[:n_states]), list(saved_states[n_states:]), d_out,
+        list(d_final), activation=static.config.model.activation,
+        l2=static.config.loss == "l2", interpret=static.interpret)
+    return dq, dk, dv.astype(v.dtype), [d_coefs[name] for name in static.coef_fields], d_init
   packed, read_x = chunk_rows_mgpu.pack_coefficients(given, rows, num_chunks, chunk)
   dq, dk, dv, products, d_read_x, d_ends, d_init = chunk_rows_mgpu_reverse.linear_rows_reverse(
       q, k, v, packed, read_x, list(saved_states), d_out, list(d_final),

@@ -68,6 +68,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int) -> int:
   exchange = 2 * slices * d * chunk * 4       # Y's parts, two slots (one part for 1 slice)
   staging = (u * chunk * 2 * (3 + n_upd) + u * SCORE_ROWS * 2 + d * chunk * 2 * (1 + n_upd)
              + SCORE_ROWS * chunk * 2 * 2 + d * chunk * 4)
+  staging += SCORE_ROWS * chunk * 4                # the read's scores, saved for the reverse walk
   return state + inputs + exchange + staging + 4096      # + barriers and alignment
 
 
@@ -105,14 +106,20 @@ def slice_block(leaf_ref, leaf: int, hidden_slice):
 
 
 def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
-                     save_every: int | None, interpret):
+                     save_every: int | None, interpret, save_aux: bool = False):
   """The forward over every row's chunks.
 
   qt, kt, vt: [R, N, d, C] compute dtype (features layout); packed [R, N, 8, C] and read_x
   [R, N, C, C] float32 or None (chunk_rows_mgpu.pack_coefficients); state: [W1, W2] or
   [W1, W2, S1, S2] float32 ([R, h, d], [R, d, h]). Returns (out [R, N, d, C] compute dtype,
   final (as state), saved: the start states of chunks 0, s, 2s, ... ([R, ceil(N / s), ...] per
-  leaf) for save_every=s, [] for None)."""
+  leaf) for save_every=s, [] for None). save_aux (with save_every=1) appends to saved what the
+  mlp reverse walk (chunk_rows_mgpu_mlp_reverse) reads besides the states: every chunk's E
+  rounded to the compute dtype [R, N, d, C] and, for the cumulative read, each slice's layer-2
+  read scores A^T Aq [R, slices, N, C, C] float32 ([j, t])."""
+  if save_aux and save_every != 1:
+    raise ValueError(f"save_aux needs save_every=1 (the reverse walk reads every chunk's E); "
+                     f"got save_every={save_every!r}")
   plgpu = _plgpu()
   rows, num_chunks, d, chunk = qt.shape
   cd = qt.dtype
@@ -126,6 +133,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   w1, w2, s1, s2 = 0, 1, 2, 3                   # state leaves
   keys = jnp.swapaxes(kt, 2, 3)                 # [R, N, C, d]: token-major keys
   n_saved = 0 if save_every is None else -(-num_chunks // save_every)
+  n_aux = (1 + cumulative) if save_aux else 0
   inputs = [qt, kt, vt, keys, packed] + ([read_x] if cumulative else [])
   n_loads = len(inputs)
   exchange = cluster > 1
@@ -137,8 +145,9 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
     out_g, refs = refs[0], refs[1:]
     final_g, refs = refs[:n_states], refs[n_states:]
     saved_g, refs = (refs[:n_states], refs[n_states:]) if n_saved else ((), refs)
+    aux_g, refs = refs[:n_aux], refs[n_aux:]
     (st32, stcd, qt_s, kt_s, vt_s, keys_s, coef_s, rx_s, a_s, ap_s, d_s, cd_s, aq_s, e_s, ce_s,
-     p1_s, p2_s, ysum_s, o_s, barrier, xbar, *spares) = refs
+     p1_s, p2_s, ysum_s, o_s, sc_s, barrier, xbar, *spares) = refs
     r = lax.axis_index("rows")
     c = lax.axis_index("slices") if exchange else 0
     slots = [qt_s, kt_s, vt_s, keys_s, coef_s] + ([rx_s] if cumulative else [])
@@ -235,6 +244,10 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       v = vt_s[slot].astype(f32)
       e = 2.0 * (y - v) if l2 else -v
       e_s[...] = e.astype(cd)
+      if save_aux:                       # E is the same in every program: the first saves it
+        plgpu.commit_smem()
+        save_e = lambda: plgpu.copy_smem_to_gmem(e_s, aux_g[0].at[r, n])
+        pl.when(c == 0)(save_e) if exchange else save_e()
       ce_s[0] = (row_of(slot, ROW_END_X, d) * e).astype(cd)
       if momentum:
         ce_s[1] = (row_of(slot, ROW_END_SX, d) * e).astype(cd)
@@ -288,6 +301,10 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
             out = out + row_of(slot, ROW_READ_S0, d) * read[2]
         # Its wait for earlier copies from shared memory covers this chunk's saved state too.
         _store(out, o_s, out_g.at[r, c * local + l, n])
+        if save_aux and cumulative:      # after _store's wait: the last chunk's copy is done
+          sc_s[l] = read[1]
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, c * local + l, n])
         # The slice's state update (its compute-dtype copy is read by no later product).
         p_w0, q_s0 = scalar_of(slot, ROW_END_W0), scalar_of(slot, ROW_END_S0)
         for leaf, new_upd, new_s_upd in ((w1, upd[0], upd[2] if momentum else None),
@@ -315,6 +332,10 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   out_types += [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
   out_types += [jax.ShapeDtypeStruct((rows, n_saved) + x.shape[1:], f32)
                 for x in state] if n_saved else []
+  if save_aux:
+    out_types.append(jax.ShapeDtypeStruct((rows, num_chunks, d, chunk), cd))
+    if cumulative:
+      out_types.append(jax.ShapeDtypeStruct((rows, n_slices, num_chunks, chunk, chunk), f32))
   # A wgmma's two shared-memory operands share one tiling: every operand buffer takes the
   # swizzle of a C-token row (32 bytes at C = 16).
   swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
@@ -332,6 +353,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       operand((SCORE_ROWS, chunk)), operand((SCORE_ROWS, chunk)),             # P1, P2
       _smem((2, n_slices if exchange else 1, d, chunk), f32),                 # Y's parts
       plgpu.SMEM((d, chunk), f32),                                            # out staging
+      plgpu.SMEM((local, SCORE_ROWS, chunk), f32),                            # scores (aux)
       plgpu.Barrier(num_barriers=2 * n_loads + n_states * local),
       plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
   if interpret:   # transposed copies (`transposed`): keys^T, W2s^T, A^T, A (padded)^T

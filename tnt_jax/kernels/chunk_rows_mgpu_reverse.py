@@ -81,18 +81,22 @@ def product_fields(momentum: bool, cumulative: bool) -> tuple:
   return fields
 
 
-def coefficient_grads(products, d_ends, saved, d_read_x, coefs: dict) -> dict:
+def coefficient_grads(products, d_ends, saved, d_read_x, coefs: dict, layers: int = 1) -> dict:
   """Every coefficient's gradient (shaped as the coefficient, features layout) from the kernel's
-  products [R, N, P, d, C] (P: product_fields), the cotangents carried into each chunk's end
-  d_ends ([dW1] / [dW1, dS1], [R, N, d, d]), the saved chunk-start states and dX."""
+  products [R, N, P, rows, C] (P: product_fields), the cotangents carried into each chunk's end
+  d_ends (per state leaf: the layers' weights, then their momenta; [R, N, out, in]), the saved
+  chunk-start states (the same leaves) and dX."""
   sums = jnp.sum(products, axis=3)                             # [R, N, P, C]
-  fields = product_fields(len(saved) == 2, d_read_x is not None)
+  momentum = len(saved) == 2 * layers
+  fields = product_fields(momentum, d_read_x is not None)
   grads = {name: sums[:, :, i:i + 1] for i, name in enumerate(fields)}
-  dot = lambda a, b: jnp.sum(a * b, axis=(2, 3))[..., None, None]  # [R, N, 1, 1]
-  grads["end_w0"] = dot(d_ends[0], saved[0])
-  if len(saved) == 2:
-    grads["end_s0"] = dot(d_ends[0], saved[1])
-    grads["end_ss0"] = dot(d_ends[1], saved[1])
+  dot = lambda pairs: sum(jnp.sum(a * b, axis=(2, 3))[..., None, None]    # [R, N, 1, 1]
+                          for a, b in pairs)
+  weights = range(layers)
+  grads["end_w0"] = dot((d_ends[i], saved[i]) for i in weights)
+  if momentum:
+    grads["end_s0"] = dot((d_ends[i], saved[layers + i]) for i in weights)
+    grads["end_ss0"] = dot((d_ends[layers + i], saved[layers + i]) for i in weights)
   if d_read_x is not None:
     grads["read_x"] = d_read_x
   return {name: grads[name].reshape(coefs[name].shape).astype(coefs[name].dtype)

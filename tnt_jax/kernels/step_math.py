@@ -83,6 +83,28 @@ def act_and_grad(name: str, z):
   raise ValueError(f"activation={name!r} has no kernel derivative")
 
 
+def act_grad_and_curvature(name: str, z):
+  """(act(z), act'(z), act''(z)) written out: the reverse walk of an mlp memory differentiates
+  the keys' backward pass (D = (W2^T E) * act'(Z)) once more."""
+  if name == "gelu":   # u = c (z + k z^3); act = z (1 + tanh u) / 2
+    c, k = 0.7978845608028654, 0.044715
+    th = jnp.tanh(c * (z + k * z * z * z))
+    sech2 = 1.0 - th * th
+    du = c * (1.0 + 3 * k * z * z)
+    d2u = 6 * c * k * z
+    return (0.5 * z * (1.0 + th), 0.5 * (1.0 + th) + 0.5 * z * sech2 * du,
+            sech2 * (du + 0.5 * z * (d2u - 2.0 * th * du * du)))
+  if name == "silu":
+    s = jax.nn.sigmoid(z)
+    return z * s, s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+  if name == "relu":
+    return (*act_and_grad(name, z), jnp.zeros_like(z))
+  if name == "tanh":
+    t = jnp.tanh(z)
+    return t, 1.0 - t * t, -2.0 * t * (1.0 - t * t)
+  raise ValueError(f"activation={name!r} has no kernel derivative")
+
+
 _TN = ((0,), (0,))
 LAYOUTS = ("tokens", "features")
 
