@@ -1,13 +1,14 @@
 """The Mosaic GPU row kernel of a 2-layer mlp memory (kernels/chunk_rows_mgpu_mlp.py: the hidden
-units split over a cluster, one program per 64) against the token reference.
+units split over a cluster, one program per 64) and its reverse walk
+(kernels/chunk_rows_mgpu_mlp_reverse.py, the same split) against the token reference.
 
 `MosaicMlpRowsTest` compiles it on a Hopper GPU (the cluster exchange) and is skipped elsewhere;
 `MosaicMlpRowsInterpretTest` runs the same per-slice code under the Mosaic GPU interpreter on the
 CPU, one program per row walking its slices in turn (the interpreter has no cluster stores). The
 kernel takes bf16 operands (wgmma): bfloat16 against the float32 reference (outputs, final
 states, every gradient; the backward re-runs this forward per checkpoint group and walks the
-group with the Pallas reverse kernel), and against the kernel's own jnp reference, which rounds
-the same operands, at a tighter tolerance.
+group with the Mosaic GPU reverse walk where it fits, else the Pallas reverse kernel), and
+against the kernel's own jnp reference, which rounds the same operands, at a tighter tolerance.
 """
 
 from absl.testing import absltest, parameterized
@@ -15,8 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from tests.helpers import assert_trees_rel_close
-from tests.kernels.test_chunk_memory import KernelTestCase, _inputs, _seed
-from tnt_jax.kernels import chunk_memory, chunk_rows_mgpu, chunk_rows_mgpu_mlp
+from tests.kernels.test_chunk_memory import (KernelTestCase, _inputs, _outputs_and_vjp, _seed,
+                                             independent_row_case, row_op_and_reference)
+from tnt_jax.kernels import (chunk_memory, chunk_rows_mgpu, chunk_rows_mgpu_mlp,
+                             chunk_rows_mgpu_mlp_reverse)
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory, kernel_memory_reference
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
@@ -96,6 +99,68 @@ class MosaicMlpRowsTest(KernelTestCase):
     assert_trees_rel_close(self, out.astype(jnp.float32), want_out.astype(jnp.float32), 8e-3,
                            "out")
 
+  def _reverse_spy(self):
+    calls = []
+    real = chunk_rows_mgpu_mlp_reverse.mlp_rows_reverse
+
+    def spy(*args, **kwargs):
+      calls.append((args[0].shape, len(args[8])))
+      return real(*args, **kwargs)
+
+    self.enter_context(absltest.mock.patch.object(chunk_rows_mgpu_mlp_reverse,
+                                                  "mlp_rows_reverse", spy))
+    return calls
+
+  @parameterized.named_parameters(
+      # name, rule, read, loss, chunk, expansion, activation
+      ("titans_cumulative_4_slices", "titans", "cumulative", "l2", 16, 4.0, "gelu"),
+      ("gd_chunk_start_2_slices", "gd", "chunk_start", "l2", 16, 2.0, "gelu"),
+      ("titans_chunk_start_1_slice_dot", "titans", "chunk_start", "dot", 16, 1.0, "silu"),
+      ("gd_cumulative_chunk_32_dot", "gd", "cumulative", "dot", 32, 2.0, "tanh"),
+      ("titans_cumulative_2_slices_silu", "titans", "cumulative", "l2", 16, 2.0, "silu"))
+  def test_reverse_walk_on_independent_coefficients(self, rule, read, loss, chunk, expansion,
+                                                    activation):
+    """The row op with every coefficient drawn on its own (not from gates, which tie them),
+    walked by the Mosaic GPU mlp reverse walk from states saved every 2 chunks: every gradient
+    (each coefficient's, q, k, v's, the state's) against the vjp of the same chunk step in jnp
+    with the same bf16 roundings (backward="xla"). Not against the float32 scan: with freely
+    drawn coefficients and hidden 256 the bf16 forward alone moves dq by 3.5e-2 from it for one
+    of these cases, the same with the Pallas reverse kernel and the XLA backward (measured);
+    test_matches_reference covers the float32 reference with gate-derived coefficients."""
+    config = _config(rule, read, loss, chunk, expansion, activation)
+    args, fields = independent_row_case(config, "features", jnp.bfloat16,
+                                        _seed("mlp-reverse", rule, read, chunk, expansion))
+    calls = self._reverse_spy()
+    run = lambda blocks: row_op_and_reference(config, fields, driver="chunk_loop",
+                                              interpret=self.INTERPRET, blocks=blocks)
+    kernel, _ = run(KernelBlocks(row_lowering="mosaic_gpu", save_every=2, layout="features"))
+    same_roundings, _ = run(KernelBlocks(row_lowering="mosaic_gpu", backward="xla",
+                                         layout="features"))
+    got = jax.jit(lambda a: _outputs_and_vjp(kernel, a, 3))(args)
+    want = jax.jit(lambda a: _outputs_and_vjp(same_roundings, a, 3))(args)
+    assert_trees_rel_close(self, got[1], want[1], 1e-2, f"{rule}/{read} vs same roundings: ")
+    # 2 rows of 3 chunks: the last group (1 chunk), then the first (2); every state leaf.
+    leaves = 4 if rule == "titans" else 2
+    self.assertEqual(calls, [((2, 1, 64, chunk), leaves), ((2, 2, 64, chunk), leaves)])
+
+  def test_reverse_walk_agrees_with_the_pallas_reverse_kernel(self):
+    """Both walks from the same Mosaic GPU forward: the same gradients up to bf16 rounding."""
+    config = _config(expansion=4.0)
+    args = _inputs(config, 64, jnp.bfloat16, _seed("mlp-reverse-pallas"), 70)
+    calls = self._reverse_spy()
+
+    def grads(blocks):
+      loss = lambda q, k, v, g, s: jnp.sum(kernel_memory(
+          q, k, v, g, s, config, driver="chunk_loop", interpret=self.INTERPRET,
+          blocks=blocks)[0].astype(jnp.float32) ** 2)
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+
+    pallas = grads(KernelBlocks(row_lowering="mosaic_gpu", reverse_lowering="pallas"))
+    self.assertEqual(calls, [])
+    mosaic = grads(MOSAIC)
+    self.assertTrue(calls)
+    assert_trees_rel_close(self, mosaic, pallas, 2e-2, "mosaic vs pallas reverse")
+
   def test_memory_op_routes_to_the_mosaic_mlp_kernel(self):
     config = _config(expansion=4.0)
     q, k, v, g, s = _inputs(config, 64, jnp.bfloat16, 5)
@@ -150,6 +215,25 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
                                                                compiled=True))
       self.assertIn("max_chunk_activations", chunk_memory.unsupported_reason(
           config, 64, jnp.bfloat16, driver="chunk_loop", interpret=False, blocks=MOSAIC))
+
+  def test_reverse_walk_rules(self):
+    reason = lambda config, chunk=16: chunk_rows_mgpu_mlp_reverse.unsupported_reason(
+        config, 64, jnp.bfloat16, chunk, compiled=False)
+    for expansion in (1.0, 2.0, 4.0):
+      self.assertIsNone(reason(_config(expansion=expansion)))
+    self.assertIsNone(reason(_config("gd", chunk=32, expansion=2.0), 32))
+    # Titans with hidden 256 fits at C = 16 with one slot of chunk inputs; two fit elsewhere.
+    self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 4), 1)
+    self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 2), 2)
+    # gd with hidden 256 at C = 32: the forward fits, the reverse walk does not.
+    self.assertIn("for the mlp reverse walk", reason(_config("gd", chunk=32, expansion=4.0), 32))
+    self.assertIn("depth=3", reason(_config(depth=3)))
+    with self.assertRaisesRegex(ValueError, "save_aux needs save_every=1"):
+      config = _config()
+      q, k, v = (jnp.zeros((1, 1, 64, 16), jnp.bfloat16),) * 3
+      chunk_rows_mgpu_mlp.mlp_rows_forward(q, k, v, None, None, [], activation="gelu",
+                                           l2=True, save_every=2, interpret=True,
+                                           save_aux=True)
 
   def test_refused_ops_run_on_the_pallas_row_kernel(self):
     blocks, reason = chunk_memory.rows_blocks(_config(expansion=5.0), 64, jnp.bfloat16,
