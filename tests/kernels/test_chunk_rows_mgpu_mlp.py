@@ -144,8 +144,9 @@ class MosaicMlpRowsTest(KernelTestCase):
     self.assertEqual(calls, [((2, 1, 64, chunk), leaves), ((2, 2, 64, chunk), leaves)])
 
   def test_reverse_walk_agrees_with_the_pallas_reverse_kernel(self):
-    """Both walks from the same Mosaic GPU forward: the same gradients up to bf16 rounding."""
-    config = _config(expansion=4.0)
+    """Both walks from the same Mosaic GPU forward: the same gradients up to bf16 rounding.
+    (Hidden 128: the Triton compile of the Pallas reverse kernel at hidden 256 takes minutes.)"""
+    config = _config(expansion=2.0)
     args = _inputs(config, 64, jnp.bfloat16, _seed("mlp-reverse-pallas"), 70)
     calls = self._reverse_spy()
 
