@@ -126,8 +126,9 @@ class KernelBlocks:
   row_lowering: which kernel runs the row forward. "auto" (the default): "mosaic_gpu" where it
     was measured faster -- a linear memory with the cumulative read or a 2-layer mlp, compiled
     on a Hopper GPU (H100, 32K tokens, fwd+bwd: linear Titans C = 16 1.5x Triton's, gd 1.3x, a
-    TNT memory's local 1.1x; the Titans mlp with hidden 256 1.3x cumulative and 1.2x
-    chunk-start, a TNT memory of them 1.04x; docs/kernel_notes.md v13-v14, v17) -- and where
+    TNT memory's local 1.1x; the Titans mlp with hidden 256, with its reverse walk, 4.8x
+    cumulative and 4.3x chunk-start, a TNT memory of them 2.0x; docs/kernel_notes.md v13-v14,
+    v17-v18) -- and where
     that kernel takes the op; "pallas"
     elsewhere, without a log line. "pallas": the chunk loop above (Triton on the
     GPU, Mosaic TPU, or interpreted). "mosaic_gpu": Hopper wgmma through Pallas' Mosaic GPU
@@ -136,8 +137,10 @@ class KernelBlocks:
     walks the chunks on kernels/chunk_rows_mgpu_reverse.py where that fits in shared memory (gd
     at chunks of 16 and 32, Titans at 16, d = 64), else on the Pallas reverse kernel; and
     kernels/chunk_rows_mgpu_mlp.py for 2-layer mlps at d = 64 with hidden 64, 128 or 256 (one
-    program of a thread-block cluster per 64 hidden units), whose backward is the Pallas
-    reverse kernel's (token-major). An op the Mosaic GPU kernel does not take (swiglu, a deeper
+    program of a thread-block cluster per 64 hidden units), whose fused backward walks the
+    chunks on kernels/chunk_rows_mgpu_mlp_reverse.py (the same cluster) where that fits in
+    shared memory (Titans at chunks of 16, gd at 16 and, up to hidden 128, 32), else on the
+    Pallas reverse kernel (token-major). An op the Mosaic GPU kernel does not take (swiglu, a deeper
     mlp, Titans at d = 128, ...) runs on the Pallas row kernel, forward and backward, with the
     reason logged once (`rows_blocks`), so one setting serves every memory of a model.
   reverse_lowering: the fused backward's reverse walk: "" follows row_lowering, "pallas" forces

@@ -32,9 +32,10 @@ interpreted, one program runs every slice of its row in turn (the same per-slice
 summed in the same order) and transposes are written into spare buffers. Chunk inputs arrive by
 TMA one chunk ahead (two slots), as in chunk_rows_mgpu.
 
-Backward: the row kernel's custom_vjp re-runs this forward per checkpoint group and walks the
-group with the Pallas reverse kernel (Triton on the GPU), as for every op the Mosaic GPU reverse
-walk does not take.
+Backward: the row kernel's custom_vjp re-runs this forward per checkpoint group, saving every
+chunk's start state and, for the reverse walk, E and the read's layer-2 scores (`save_aux`), and
+walks the group with kernels/chunk_rows_mgpu_mlp_reverse.py on the same cluster where that fits
+in shared memory, else with the Pallas reverse kernel (Triton on the GPU).
 """
 
 from __future__ import annotations
