@@ -1000,8 +1000,8 @@ def _mosaic_rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, 
   dq, dk, dv, products, d_read_x, d_ends, d_init = chunk_rows_mgpu_reverse.linear_rows_reverse(
       q, k, v, packed, read_x, list(saved_states), d_out, list(d_final),
       l2=static.config.loss == "l2", interpret=static.interpret)
-  d_coefs = chunk_rows_mgpu_reverse.coefficient_grads(products, d_ends, list(saved_states),
-                                                       d_read_x, given)
+  d_coefs = chunk_rows_mgpu_reverse.coefficient_grads(
+      products, chunk_rows_mgpu_reverse.end_dots(d_ends, list(saved_states)), d_read_x, given)
   return dq, dk, dv, [d_coefs[name] for name in static.coef_fields], d_init
 
 

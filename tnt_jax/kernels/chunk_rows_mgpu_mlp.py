@@ -114,10 +114,11 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   [R, N, C, C] float32 or None (chunk_rows_mgpu.pack_coefficients); state: [W1, W2] or
   [W1, W2, S1, S2] float32 ([R, h, d], [R, d, h]). Returns (out [R, N, d, C] compute dtype,
   final (as state), saved: the start states of chunks 0, s, 2s, ... ([R, ceil(N / s), ...] per
-  leaf) for save_every=s, [] for None). save_aux (with save_every=1) appends to saved what the
-  mlp reverse walk (chunk_rows_mgpu_mlp_reverse) reads besides the states: every chunk's E
-  rounded to the compute dtype [R, N, d, C] and, for the cumulative read, each slice's layer-2
-  read scores A^T Aq [R, slices, N, C, C] float32 ([j, t])."""
+  leaf) for save_every=s, [] for None). save_aux (with save_every=1) saves what the mlp
+  reverse walk (chunk_rows_mgpu_mlp_reverse) reads: the states in the compute dtype (its wgmma
+  operands; the copies this kernel computes with), then every chunk's E rounded to the compute
+  dtype [R, N, d, C] and, for the cumulative read, each slice's layer-2 read scores A^T Aq
+  [R, slices, N, C, C] float32 ([j, t])."""
   if save_aux and save_every != 1:
     raise ValueError(f"save_aux needs save_every=1 (the reverse walk reads every chunk's E); "
                      f"got save_every={save_every!r}")
@@ -205,7 +206,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
         def _():
           for i in range(n_states):
             for l in range(local):
-              plgpu.copy_smem_to_gmem(st32.at[i, l], slice_block(
+              plgpu.copy_smem_to_gmem((stcd if save_aux else st32).at[i, l], slice_block(
                   saved_g[i].at[r, n // save_every], i, c * local + l))
 
       qt_c, kt_c, keys_c = qt_s.at[slot], kt_s.at[slot], keys_s.at[slot]
@@ -331,7 +332,8 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   # The state leaves stay in their own layout; each program copies its slice's blocks.
   out_types = [jax.ShapeDtypeStruct((rows, n_slices, num_chunks, d, chunk), f32)]
   out_types += [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
-  out_types += [jax.ShapeDtypeStruct((rows, n_saved) + x.shape[1:], f32)
+  saved_dtype = cd if save_aux else f32
+  out_types += [jax.ShapeDtypeStruct((rows, n_saved) + x.shape[1:], saved_dtype)
                 for x in state] if n_saved else []
   if save_aux:
     out_types.append(jax.ShapeDtypeStruct((rows, num_chunks, d, chunk), cd))

@@ -63,8 +63,8 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int, input_slo
   tile = lambda rows: rows * chunk * 2                       # a [rows, C] compute-dtype buffer
   inputs = 4 * tile(d) + COEF_ROWS * chunk * 4 + 3 * chunk * chunk * 2   # q, k, dO, E; P1 M2 P2
   state = blocks * u * d * 2 + blocks * u * d * (4 + 2)      # saved; carried (float32 + copy)
-  staging = (6 + 2 * n_upd) * tile(u) + (2 * n_upd + 1) * tile(d)
-  outputs = 2 * d * chunk * 4 + 2 * n_upd * PRODUCT_ROWS * chunk * 4
+  staging = (6 + n_upd) * tile(u) + (n_upd + 1) * tile(d)
+  outputs = 2 * d * chunk * 4 + 2 * n_upd * PRODUCT_ROWS * chunk * 4 + 3 * PRODUCT_ROWS * 4
   exchange = 2 * slices * d * chunk * 4
   return input_slots * inputs + state + staging + outputs + exchange + 2048   # + barriers
 
@@ -106,7 +106,8 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
   Returns (dq, dk: [R, slices, N, d, C] float32 parts; dy [R, N, d, C] compute dtype (2 dE, or
   dE for the dot loss; dV = -dy); products [R, slices, N, P, 64, C] float32 (product_fields);
   dc, dzq: D and dZq [R, slices, N, 64, C] compute dtype, or None for the chunk-start read;
-  d_ends: the cotangent carried into each chunk's end, [R, N, ..] float32 per leaf; d_init)."""
+  ends [R, slices, N, 3 (1 for gd), 64] float32: the chunk-end scalars' inner products (p, q,
+  r) summed along each block's rows; d_init)."""
   plgpu = _plgpu()
   rows, num_chunks, d, chunk = qt.shape
   cd, f32 = qt.dtype, jnp.float32
@@ -139,12 +140,12 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
     d_final_g, refs = refs[:n_states], refs[n_states:]
     (dq_g, dk_g, dy_g, prod_g), refs = refs[:4], refs[4:]
     (dc_g, dzq_g), refs = (refs[:2], refs[2:]) if cumulative else ((None, None), refs)
-    d_end_g, refs = refs[:n_states], refs[n_states:]
+    ends_g, refs = refs[0], refs[1:]
     d_init_g, refs = refs[:n_states], refs[n_states:]
     slot_refs, refs = refs[:n_shared], refs[n_shared:]
     p2_s, refs = (refs[0], refs[1:]) if cumulative else (None, refs)
-    (st, dst32, dstc, a_s, dc_s, cdd_s, aq_s, dzq_s, g1_s, dbk_s, dz_s, ce_s, g_s, dy_s, dq_s,
-     dk_s, prod_s, xsum_s, barrier, xbar), spare_refs = refs[:20], refs[20:]
+    (st, dst32, dstc, a_s, dc_s, aq_s, dzq_s, g1_s, dbk_s, dz_s, g_s, dy_s, dq_s, dk_s, prod_s,
+     ends_s, xsum_s, barrier, xbar), spare_refs = refs[:19], refs[19:]
     spares = dict(zip(spare_shapes, spare_refs))
     r = lax.axis_index("rows")
     c = lax.axis_index("slices") if exchange else 0
@@ -194,12 +195,6 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
         plgpu.barrier_wait(barrier.at[slot * n_loads + j])
       for j in range(n_states * local):
         plgpu.barrier_wait(barrier.at[state_barrier + j])
-      # The cotangent carried into this chunk's end, for the chunk-end scalars' gradients (the
-      # update below waits for these copies).
-      for j in range(n_states):
-        for l in range(local):
-          plgpu.copy_smem_to_gmem(dst32.at[j, l],
-                                  slice_block(d_end_g[j].at[r, n], j, c * local + l))
       if slots == 2:
         @pl.when(i + 1 < num_chunks)
         def _():
@@ -230,34 +225,41 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
         if l == 0:
           # The last chunk's outputs were copied from these staging buffers: wait for the reads.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          ce_s[0] = (row_of(ROW_END_X, d) * e32).astype(cd)
-          if momentum:
-            ce_s[1] = (row_of(ROW_END_SX, d) * e32).astype(cd)
           if cumulative:
             g_s[0] = (row_of(ROW_READ_W0, d) * do32).astype(cd)
             if momentum:
               g_s[1] = (row_of(ROW_READ_S0, d) * do32).astype(cd)
+        # The chunk-end scalars' gradients: inner products of the cotangent carried into this
+        # chunk's end with the chunk-start blocks (p: <dW', W>, q: <dW', S>, r: <dS', S>, both
+        # layers), summed along each block's rows here and over rows and slices in XLA.
+        inner = lambda pairs: jnp.sum(sum(dst32[i, l] * st[j, l][...].astype(f32)
+                                          for i, j in pairs), axis=1)
+        ends_s[l, 0] = inner(((w1, w1), (w2, w2)))
+        if momentum:
+          ends_s[l, 1] = inner(((w1, s1), (w2, s2)))
+          ends_s[l, 2] = inner(((s1, s1), (s2, s2)))
         a_s[l] = a.astype(cd)
         dc_s[l] = delta.astype(cd)
-        cdd_s[l, 0] = (row_of(ROW_END_X, u) * delta).astype(cd)
-        if momentum:
-          cdd_s[l, 1] = (row_of(ROW_END_SX, u) * delta).astype(cd)
         plgpu.commit_smem()
 
         # Round 2: the read's layer-1 mix; the carried layer-2 cotangents against A; the update's
-        # transposed terms of dK and dA.
-        dk_upd = [(transposed(dstc.at[w1, l], "dw1t"), cdd_s.at[l, 0])]
-        da_upd = [(transposed(dstc.at[w2, l], "dw2t"), ce_s.at[0])]
-        products = {"u2": ([(dstc.at[w2, l], a_s.at[l])], (d, chunk))}
+        # transposed terms of dK and dA: dW1'^T (c D) = c (dW1'^T D) and dW2'^T (c E) =
+        # c (dW2'^T E), the per-token coefficients applied after the product (no staging).
+        products = {"u2": ([(dstc.at[w2, l], a_s.at[l])], (d, chunk)),
+                    "dk_w": ([(transposed(dstc.at[w1, l], "dw1t"), dc_s.at[l])], (d, chunk)),
+                    "da_w": ([(transposed(dstc.at[w2, l], "dw2t"), e_c)], (u, chunk))}
         if momentum:
-          dk_upd.append((transposed(dstc.at[s1, l], "ds1t"), cdd_s.at[l, 1]))
-          da_upd.append((transposed(dstc.at[s2, l], "ds2t"), ce_s.at[1]))
           products["us2"] = ([(dstc.at[s2, l], a_s.at[l])], (d, chunk))
-        products["dk_upd"] = (dk_upd, (d, chunk))
-        products["da_upd"] = (da_upd, (u, chunk))
+          products["dk_s"] = ([(transposed(dstc.at[s1, l], "ds1t"), dc_s.at[l])], (d, chunk))
+          products["da_s"] = ([(transposed(dstc.at[s2, l], "ds2t"), e_c)], (u, chunk))
         if cumulative:
           products["dp1"] = ([(dc_s.at[l], p1_c)], (u, chunk))
         got.update(zip(products, mms(list(products.values()))))
+        got["dk_upd"] = row_of(ROW_END_X, d) * got["dk_w"]
+        got["da_upd"] = row_of(ROW_END_X, u) * got["da_w"]
+        if momentum:
+          got["dk_upd"] = got["dk_upd"] + row_of(ROW_END_SX, d) * got["dk_s"]
+          got["da_upd"] = got["da_upd"] + row_of(ROW_END_SX, u) * got["da_s"]
         if cumulative:
           zq = row_of(ROW_READ_W0, u) * got["zw"] + got["dp1"]
           if momentum:
@@ -376,8 +378,6 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
         fetch_state(n - 1)
 
       p_w, q_s, r_s = scalars
-      # The d_end copies read the carried cotangent: wait before it changes.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       for l in range(local):
         dk, tw1, tw2, *ts = finals[l]
         dq_s[l] = kept[l]["dq"]
@@ -401,6 +401,7 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
         plgpu.copy_smem_to_gmem(dq_s.at[l], dq_g.at[r, s, n])
         plgpu.copy_smem_to_gmem(dk_s.at[l], dk_g.at[r, s, n])
         plgpu.copy_smem_to_gmem(prod_s.at[l], prod_g.at[r, s, n])
+        plgpu.copy_smem_to_gmem(ends_s.at[l], ends_g.at[r, s, n])
         if cumulative:
           plgpu.copy_smem_to_gmem(dc_s.at[l], dc_g.at[r, s, n])
           plgpu.copy_smem_to_gmem(dzq_s.at[l], dzq_g.at[r, s, n])
@@ -418,7 +419,8 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
                part(n_products, PRODUCT_ROWS, chunk)]
   if cumulative:
     out_types += [jax.ShapeDtypeStruct((rows, n_slices, num_chunks, u, chunk), cd)] * 2
-  out_types += [jax.ShapeDtypeStruct(x.shape, f32) for x in saved]            # d_ends
+  n_ends = 3 if momentum else 1
+  out_types.append(part(n_ends, PRODUCT_ROWS))                                # ends
   out_types += [jax.ShapeDtypeStruct(x.shape, f32) for x in d_final]          # d_init
   # As in the forward: every wgmma operand buffer takes the swizzle of a C-token row.
   swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
@@ -431,13 +433,14 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       operand((n_states, local, u, d)),                                       # saved blocks
       _smem((n_states, local, u, d), f32), operand((n_states, local, u, d)),  # carried
       operand((local, u, chunk)), operand((local, u, chunk)),                 # A, D
-      operand((local, n_upd, u, chunk)), operand((local, u, chunk)),          # c D (s D), Aq
+      operand((local, u, chunk)),                                             # Aq
       operand((local, u, chunk)), operand((local, n_upd, u, chunk)),          # dZq, G1 (H1)
       operand((local, u, chunk)), operand((local, u, chunk)),                 # dBk, dZ
-      operand((n_upd, d, chunk)), operand((n_upd, d, chunk)),                 # c E (s E), G (H)
+      operand((n_upd, d, chunk)),                                             # G (H)
       operand((d, chunk)),                                                    # dY
       plgpu.SMEM((local, d, chunk), f32), plgpu.SMEM((local, d, chunk), f32),  # dQ, dK parts
       plgpu.SMEM((local, n_products, PRODUCT_ROWS, chunk), f32),
+      plgpu.SMEM((local, n_ends, PRODUCT_ROWS), f32),                          # ends
       _smem((2, n_slices if exchange else 1, d, chunk), f32),                 # dE's parts
       plgpu.Barrier(num_barriers=slots * n_loads + 2 * n_states * local),
       plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
@@ -451,20 +454,23 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       body, out_type=out_types, scratch_types=scratch, **launch,
       interpret=_interpret_params(interpret),
       compiler_params=plgpu.CompilerParams(
+          # Its only reductions run along a block's rows, within each warp: no cross-warp
+          # scratch (2 KiB by default) is needed, and Titans has none to spare.
+          reduction_scratch_bytes=0,
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs)
   dq, dk, dy, products = results[:4]
   dc, dzq = results[4:6] if cumulative else (None, None)
-  rest = results[4 + 2 * cumulative:]
-  return dq, dk, dy, products, dc, dzq, list(rest[:n_states]), list(rest[n_states:])
+  ends, *d_init = results[4 + 2 * cumulative:]
+  return dq, dk, dy, products, dc, dzq, ends, d_init
 
 
 def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activation: str,
                       l2: bool, interpret):
   """The row kernel's backward for a 2-layer mlp on this reverse walk, with the score terms
   in XLA around it (module docstring). qt, kt, d_out: [R, N, d, C] (features); coefs: the
-  ChunkCoefs fields by name (features layout); states: every chunk's start state, float32
-  leaves; aux: what the forward re-run saved beside them (chunk_rows_mgpu_mlp.mlp_rows_forward,
-  save_aux). Returns (dq, dk, dv in the compute dtype, the coefficients' gradients by name,
+  ChunkCoefs fields by name (features layout); states: every chunk's start state and aux what
+  the forward re-run saved beside them, as chunk_rows_mgpu_mlp.mlp_rows_forward saves them for
+  this walk (save_aux: the states in the compute dtype). Returns (dq, dk, dv in the compute dtype, the coefficients' gradients by name,
   the initial state's cotangent)."""
   rows, num_chunks, _, chunk = qt.shape
   cd = qt.dtype
@@ -481,7 +487,7 @@ def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activ
     p1 = (read_x * scores1).astype(cd)
     m2 = (read_x * d_p2).astype(cd)
     p2 = (read_x[:, None] * scores2).astype(cd)
-  dq, dk, dy, products, dc, dzq, d_ends, d_init = mlp_rows_reverse(
+  dq, dk, dy, products, dc, dzq, ends, d_init = mlp_rows_reverse(
       qt, kt, d_out, e, packed, p1, m2, p2, [s.astype(cd) for s in states], list(d_final),
       activation=activation, l2=l2, interpret=interpret)
   dq, dk = dq.sum(axis=1), dk.sum(axis=1)
@@ -492,6 +498,8 @@ def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activ
     dq = dq + products_of("rndj,rnjt->rndt", kt, m1)
     dk = dk + products_of("rndt,rnjt->rndj", qt, m1)
     d_read_x = scores1 * d_p1 + scores2.sum(axis=1) * d_p2
-  d_coefs = coefficient_grads(products.sum(axis=1), d_ends, list(states), d_read_x, coefs,
-                              layers=2)
+  ends = ends.sum(axis=(1, 4))                                # [R, N, 3 or 1]
+  names = ("end_w0", "end_s0", "end_ss0")[:ends.shape[-1]]
+  end_dots = {name: ends[:, :, i, None, None] for i, name in enumerate(names)}
+  d_coefs = coefficient_grads(products.sum(axis=1), end_dots, d_read_x, coefs)
   return dq.astype(cd), dk.astype(cd), -dy, d_coefs, d_init

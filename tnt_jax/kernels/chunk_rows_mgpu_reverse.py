@@ -81,22 +81,25 @@ def product_fields(momentum: bool, cumulative: bool) -> tuple:
   return fields
 
 
-def coefficient_grads(products, d_ends, saved, d_read_x, coefs: dict, layers: int = 1) -> dict:
+def end_dots(d_ends, saved) -> dict:
+  """The chunk-end scalars' gradients [R, N, 1, 1] from the cotangent carried into each
+  chunk's end d_ends and the saved chunk-start states ([W] / [W, S], [R, N, d, d])."""
+  dot = lambda a, b: jnp.sum(a * b, axis=(2, 3))[..., None, None]
+  dots = {"end_w0": dot(d_ends[0], saved[0])}
+  if len(saved) == 2:
+    dots["end_s0"] = dot(d_ends[0], saved[1])
+    dots["end_ss0"] = dot(d_ends[1], saved[1])
+  return dots
+
+
+def coefficient_grads(products, end_grads: dict, d_read_x, coefs: dict) -> dict:
   """Every coefficient's gradient (shaped as the coefficient, features layout) from the kernel's
-  products [R, N, P, rows, C] (P: product_fields), the cotangents carried into each chunk's end
-  d_ends (per state leaf: the layers' weights, then their momenta; [R, N, out, in]), the saved
-  chunk-start states (the same leaves) and dX."""
+  products [R, N, P, rows, C] (P: product_fields), the chunk-end scalars' gradients end_grads
+  (`end_dots`; [R, N, 1, 1] each, their names saying whether the rule has momentum) and dX."""
   sums = jnp.sum(products, axis=3)                             # [R, N, P, C]
-  momentum = len(saved) == 2 * layers
-  fields = product_fields(momentum, d_read_x is not None)
+  fields = product_fields("end_s0" in end_grads, d_read_x is not None)
   grads = {name: sums[:, :, i:i + 1] for i, name in enumerate(fields)}
-  dot = lambda pairs: sum(jnp.sum(a * b, axis=(2, 3))[..., None, None]    # [R, N, 1, 1]
-                          for a, b in pairs)
-  weights = range(layers)
-  grads["end_w0"] = dot((d_ends[i], saved[i]) for i in weights)
-  if momentum:
-    grads["end_s0"] = dot((d_ends[i], saved[layers + i]) for i in weights)
-    grads["end_ss0"] = dot((d_ends[layers + i], saved[layers + i]) for i in weights)
+  grads.update(end_grads)
   if d_read_x is not None:
     grads["read_x"] = d_read_x
   return {name: grads[name].reshape(coefs[name].shape).astype(coefs[name].dtype)
