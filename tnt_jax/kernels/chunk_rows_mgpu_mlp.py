@@ -106,6 +106,30 @@ def slice_block(leaf_ref, leaf: int, hidden_slice):
   return leaf_ref.at[units, :] if leaf % 2 == 0 else leaf_ref.at[:, units]
 
 
+def cluster_sum(parts, buffer, barrier, program, exchange: bool):
+  """The sum over a row's hidden slices of a float32 [d, C] value, the same in every program.
+  Exchanged (compiled): `parts` is this program's one part; it is stored into every cluster
+  peer's buffer[program] (`buffer`: [slices, d, C] in shared memory, one per exchange in
+  flight), completing on that peer's `barrier` (arrivals: slices), then the slices' parts are
+  added in slice order. Not exchanged (one program walks every slice): parts has one per slice,
+  added in the same order."""
+  if not exchange:
+    total = parts[0]
+    for part in parts[1:]:
+      total = total + part
+    return total
+  plgpu = _plgpu()
+  slices = buffer.shape[0]
+  for peer in range(slices):
+    plgpu.async_store_smem(parts[0], buffer.at[program], barrier, cluster_idx=peer,
+                           cluster_dim="slices")
+  plgpu.barrier_wait(barrier)
+  total = buffer[0]
+  for part in range(1, slices):
+    total = total + buffer[part]
+  return total
+
+
 def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
                      save_every: int | None, interpret, save_aux: bool = False):
   """The forward over every row's chunks.
@@ -231,18 +255,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       scores_kq = kept[0][2][-1] if cumulative else None
 
       # The exchange: Y, summed in slice order by every program.
-      if exchange:
-        for p in range(n_slices):
-          plgpu.async_store_smem(y_parts[0], ysum_s.at[slot, c], xbar.at[slot],
-                                 cluster_idx=p, cluster_dim="slices")
-        plgpu.barrier_wait(xbar.at[slot])
-        y = ysum_s[slot, 0]
-        for p in range(1, n_slices):
-          y = y + ysum_s[slot, p]
-      else:
-        y = y_parts[0]
-        for part in y_parts[1:]:
-          y = y + part
+      y = cluster_sum(y_parts, ysum_s.at[slot], xbar.at[slot], c, exchange)
       v = vt_s[slot].astype(f32)
       e = 2.0 * (y - v) if l2 else -v
       e_s[...] = e.astype(cd)

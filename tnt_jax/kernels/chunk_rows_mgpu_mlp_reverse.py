@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_END_SS0,
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
                                              ROW_READ_W0, mms, pack_coefficients)
-from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS, slice_block
+from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS, cluster_sum, slice_block
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import unsupported_reason as forward_reason
 from tnt_jax.kernels.chunk_rows_mgpu_reverse import coefficient_grads, product_fields
 from tnt_jax.kernels.chunk_start_mgpu import SMEM_BYTES, _interpret_params, _plgpu, _smem
@@ -325,18 +325,7 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
 
       # The exchange: dE, summed in slice order by every program.
       xslot = lax.rem(i, 2)
-      if exchange:
-        for p in range(n_slices):
-          plgpu.async_store_smem(parts[0], xsum_s.at[xslot, c], xbar.at[xslot],
-                                 cluster_idx=p, cluster_dim="slices")
-        plgpu.barrier_wait(xbar.at[xslot])
-        de = xsum_s[xslot, 0]
-        for p in range(1, n_slices):
-          de = de + xsum_s[xslot, p]
-      else:
-        de = parts[0]
-        for part in parts[1:]:
-          de = de + part
+      de = cluster_sum(parts, xsum_s.at[xslot], xbar.at[xslot], c, exchange)
       dy_s[...] = ((2.0 * de) if l2 else de).astype(cd)      # dY (l2); dV = -dy either way
       plgpu.commit_smem()
 
