@@ -226,8 +226,9 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
     # Titans with hidden 256 fits at C = 16 with one slot of chunk inputs; two fit elsewhere.
     self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 4), 1)
     self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 2), 2)
-    # gd with hidden 256 at C = 32: the forward fits, the reverse walk does not.
-    self.assertIn("for the mlp reverse walk", reason(_config("gd", chunk=32, expansion=4.0), 32))
+    # gd with hidden 256 at C = 32: the forward fits, but not while saving for the reverse walk,
+    # and the walk does not either.
+    self.assertIn("reverse walk", reason(_config("gd", chunk=32, expansion=4.0), 32))
     self.assertIn("depth=3", reason(_config(depth=3)))
     with self.assertRaisesRegex(ValueError, "save_aux needs save_every=1"):
       config = _config()

@@ -59,9 +59,11 @@ SLICES_OF_UNITS = tuple(UNITS * s for s in SLICES)
 HEAD_DIM = 64        # d: every state block is [64, 64]
 
 
-def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int) -> int:
+def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int,
+               aux: bool = False) -> int:
   """Shared memory of one compiled program (one slice): its state blocks (float32 + compute-dtype
-  copy), two slots of chunk inputs, the exchange buffer and the staging buffers."""
+  copy), two slots of chunk inputs, the exchange buffer and the staging buffers; aux: also the
+  read's scores, staged when saving them for the reverse walk (`save_aux`, cumulative read)."""
   d, u, blocks, n_upd = head_dim, UNITS, 4 if momentum else 2, 2 if momentum else 1
   state = blocks * u * d * (4 + 2)
   inputs = 2 * (3 * d * chunk * 2 + SCORE_ROWS * d * 2 + COEF_ROWS * chunk * 4
@@ -69,7 +71,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int) -> int:
   exchange = 2 * slices * d * chunk * 4       # Y's parts, two slots (one part for 1 slice)
   staging = (u * chunk * 2 * (3 + n_upd) + u * SCORE_ROWS * 2 + d * chunk * 2 * (1 + n_upd)
              + SCORE_ROWS * chunk * 2 * 2 + d * chunk * 4)
-  staging += SCORE_ROWS * chunk * 4                # the read's scores, saved for the reverse walk
+  staging += SCORE_ROWS * chunk * 4 if aux else 0
   return state + inputs + exchange + staging + 4096      # + barriers and alignment
 
 
@@ -160,6 +162,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   keys = jnp.swapaxes(kt, 2, 3)                 # [R, N, C, d]: token-major keys
   n_saved = 0 if save_every is None else -(-num_chunks // save_every)
   n_aux = (1 + cumulative) if save_aux else 0
+  save_scores = save_aux and cumulative
   inputs = [qt, kt, vt, keys, packed] + ([read_x] if cumulative else [])
   n_loads = len(inputs)
   exchange = cluster > 1
@@ -173,7 +176,8 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
     saved_g, refs = (refs[:n_states], refs[n_states:]) if n_saved else ((), refs)
     aux_g, refs = refs[:n_aux], refs[n_aux:]
     (st32, stcd, qt_s, kt_s, vt_s, keys_s, coef_s, rx_s, a_s, ap_s, d_s, cd_s, aq_s, e_s, ce_s,
-     p1_s, p2_s, ysum_s, o_s, sc_s, barrier, xbar, *spares) = refs
+     p1_s, p2_s, ysum_s, o_s, barrier, xbar, *spares) = refs
+    sc_s = spares.pop(0) if save_scores else None
     r = lax.axis_index("rows")
     c = lax.axis_index("slices") if exchange else 0
     slots = [qt_s, kt_s, vt_s, keys_s, coef_s] + ([rx_s] if cumulative else [])
@@ -316,7 +320,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
             out = out + row_of(slot, ROW_READ_S0, d) * read[2]
         # Its wait for earlier copies from shared memory covers this chunk's saved state too.
         _store(out, o_s, out_g.at[r, c * local + l, n])
-        if save_aux and cumulative:      # after _store's wait: the last chunk's copy is done
+        if save_scores:                  # after _store's wait: the last chunk's copy is done
           sc_s[l] = read[1]
           plgpu.commit_smem()
           plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, c * local + l, n])
@@ -369,9 +373,10 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       operand((SCORE_ROWS, chunk)), operand((SCORE_ROWS, chunk)),             # P1, P2
       _smem((2, n_slices if exchange else 1, d, chunk), f32),                 # Y's parts
       plgpu.SMEM((d, chunk), f32),                                            # out staging
-      plgpu.SMEM((local, SCORE_ROWS, chunk), f32),                            # scores (aux)
       plgpu.Barrier(num_barriers=2 * n_loads + n_states * local),
       plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
+  if save_scores:
+    scratch.append(plgpu.SMEM((local, SCORE_ROWS, chunk), f32))
   if interpret:   # transposed copies (`transposed`): keys^T, W2s^T, A^T, A (padded)^T
     scratch += [operand((d, SCORE_ROWS)), operand((UNITS, d)), operand((chunk, UNITS)),
                 operand((SCORE_ROWS, UNITS))]

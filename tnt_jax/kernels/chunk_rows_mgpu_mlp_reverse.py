@@ -49,6 +49,7 @@ from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
                                              ROW_READ_W0, mms, pack_coefficients)
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS, cluster_sum, slice_block
+from tnt_jax.kernels.chunk_rows_mgpu_mlp import smem_bytes as forward_smem_bytes
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import unsupported_reason as forward_reason
 from tnt_jax.kernels.chunk_rows_mgpu_reverse import coefficient_grads, product_fields
 from tnt_jax.kernels.chunk_start_mgpu import SMEM_BYTES, _interpret_params, _plgpu, _smem
@@ -86,6 +87,11 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
     return reason
   slices = config.model.hidden_dim(head_dim) // UNITS
   momentum = config.rule.has_momentum
+  # The group re-runs of the forward stage the read's scores for this walk.
+  if (need := forward_smem_bytes(head_dim, chunk, momentum, slices,
+                                 aux=config.read == "cumulative")) > SMEM_BYTES:
+    return (f"shared memory {need} bytes at head_dim={head_dim}, hidden {slices * UNITS}, "
+            f"chunk={chunk} > {SMEM_BYTES} for the mlp row kernel saving for the reverse walk")
   if not input_slots(head_dim, chunk, momentum, slices):
     need = smem_bytes(head_dim, chunk, momentum, slices, 1)
     return (f"shared memory {need} bytes at head_dim={head_dim}, hidden {slices * UNITS}, "
