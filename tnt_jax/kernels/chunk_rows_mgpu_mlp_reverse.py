@@ -29,7 +29,8 @@ X * (K^T Q), M2 = X * (E^T dO) and each slice's P2 = X * (A^T Aq) (from the scor
 re-run saved) come in; D and dZq go out, and XLA forms dP1 = sum_s D^T dZq, M1 = X * dP1, adds
 K M1 to dQ and Q M1^T to dK, and the score weights' gradient. dQ, dK and the coefficients'
 elementwise products leave per slice in float32 and XLA sums them (the linear reverse walk's
-`coefficient_grads`, over both layers).
+`coefficient_grads`); the chunk-end scalars' gradients, inner products of the carried cotangent
+with the chunk-start blocks, are summed along each block's rows in the kernel.
 
 The interpreter has neither cluster stores nor transposed refs: interpreted, one program per row
 walks every slice (the same per-slice code, the parts summed in the same order) and transposes
