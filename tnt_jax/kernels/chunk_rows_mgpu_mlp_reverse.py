@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_END_SS0,
+from tnt_jax.kernels.chunk_rows_mgpu import (COEF_ROWS, ROW_END_S0, ROW_END_SS0,
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
                                              ROW_READ_W0, mms, pack_coefficients)
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS, cluster_sum, slice_block
