@@ -219,6 +219,32 @@ class ChunkMemoryKernelTest(KernelTestCase):
     self._check(config, 64, dtype, _seed("save_every", save_every),
                 blocks=KernelBlocks(save_every=save_every), length=7 * CHUNK + 5)
 
+  @parameterized.parameters((2, 2), (2, 3), (3, 2), (2, 9))
+  def test_checkpoint_groups_re_run_together(self, save_every, per_launch):
+    # 11 chunks in groups of save_every: the last (shorter) group alone, then the whole groups
+    # per_launch to a launch, their rows stacked, and the whole groups left over in one smaller
+    # launch (2, 3: a scan step of 3 groups and 2 left; 2, 9: at most the 5 whole groups).
+    config = _config("mlp", "titans_cumulative")
+    re_runs = []
+    real = chunk_memory._rows_forward
+
+    def spy(static, q, *args, outputs=True, **kwargs):
+      if not outputs:
+        re_runs.append(q.shape[:2])
+      return real(static, q, *args, outputs=outputs, **kwargs)
+
+    self.enter_context(absltest.mock.patch.object(chunk_memory, "_rows_forward", spy))
+    self._check(config, 64, self.DTYPES[0], _seed("re-run", save_every, per_launch),
+                blocks=KernelBlocks(save_every=save_every, rerun_groups=per_launch),
+                length=10 * CHUNK + 5)
+    rows = re_runs[0][0]                       # the last group's, re-run on its own
+    full = -(-11 // save_every) - 1
+    together = min(per_launch, full)
+    want = {(rows, 11 - full * save_every), (rows * together, save_every)}
+    if full % together:
+      want.add((rows * (full % together), save_every))
+    self.assertEqual(set(re_runs), want)
+
   @parameterized.parameters(
       ("titans_cumulative", "l2", None), ("gd_cumulative", "dot", None),
       ("titans_chunk_start", "dot", None), ("gd_chunk_start", "l2", None),
@@ -527,6 +553,32 @@ class KernelErrorsTest(parameterized.TestCase):
     self.assertEqual(split(titans, 128, rows=12, value_split=2), 2)
     # Where the Mosaic GPU row kernel takes the op (gd at d = 128) the rows stay whole.
     self.assertEqual(split(_config("linear", "gd_cumulative"), 128, rows=12), 1)
+
+  def test_auto_rerun_groups_fill_the_gpu(self):
+    # None (auto): as many checkpoint groups per re-run launch as fill an H100's 132 SMs.
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+    def groups(rows, programs=1, shared=1, full=45, compiled_gpu=True, **blocks):
+      with jax.sharding.use_abstract_mesh(mesh):
+        return chunk_memory.rerun_groups(KernelBlocks(**blocks), rows=rows,
+                                         programs_per_row=programs, shared=shared,
+                                         full_groups=full, compiled_gpu=compiled_gpu)
+
+    self.assertIsNone(KernelBlocks().rerun_groups)
+    self.assertEqual(groups(12), 11)                   # one sequence of 12 heads
+    self.assertEqual(groups(12, programs=4), 2)        # the mlp's clusters of 4: 96 of 124
+    self.assertEqual(groups(1, programs=4), 31)        # 31 clusters of 4, not 33
+    self.assertEqual(groups(192), 1)                   # a TNT local memory fills the GPU
+    self.assertEqual(groups(12, full=3), 3)            # at most the whole groups
+    self.assertEqual(groups(12, shared=4), 1)          # value_split's shared rows
+    self.assertEqual(groups(12, compiled_gpu=False), 1)
+    self.assertEqual(groups(12, compiled_gpu=False, rerun_groups=3), 3)
+    self.assertEqual(groups(12, full=1, rerun_groups=3), 1)
+    with self.assertRaisesRegex(ValueError, "rerun_groups=0 must be an integer >= 1"):
+      KernelBlocks(rerun_groups=0)
+    self.assertEqual(KernelBlocks.from_spec("rerun_groups=2").rerun_groups, 2)
 
   def test_bad_blocks_and_driver(self):
     with self.assertRaisesRegex(ValueError, "num_warps=3 must be a power of 2"):

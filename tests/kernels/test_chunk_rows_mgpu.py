@@ -75,10 +75,13 @@ class MosaicRowsTest(KernelTestCase):
         compiled=not self.INTERPRET))
     self._check(config, _seed("mrows-gd", read, loss, chunk), length=3 * chunk + 5)
 
-  def test_backward_from_states_saved_every_few_chunks(self):
-    # 8 chunks in groups of 3: the backward re-runs the kernel from saved states.
-    self._check(_config(), _seed("mrows-save"), KernelBlocks(row_lowering="mosaic_gpu",
-                                                             save_every=3), length=7 * 16 + 5)
+  @parameterized.parameters(1, 2)
+  def test_backward_from_states_saved_every_few_chunks(self, rerun_groups):
+    # 8 chunks in groups of 3: the backward re-runs the kernel from saved states, the two
+    # whole groups one at a time or both in one launch (their rows stacked).
+    self._check(_config(), _seed("mrows-save"),
+                KernelBlocks(row_lowering="mosaic_gpu", save_every=3, rerun_groups=rerun_groups),
+                length=7 * 16 + 5)
 
   def test_pallas_reverse_after_the_mosaic_forward(self):
     self._check(_config(), _seed("mrows-pallas-reverse"),

@@ -77,10 +77,13 @@ class MosaicMlpRowsTest(KernelTestCase):
                 length)
     self.assertTrue(calls)
 
-  def test_backward_from_states_saved_every_few_chunks(self):
-    # 8 chunks in groups of 3: the backward re-runs the kernel from its saved (merged) states.
+  @parameterized.parameters(1, 2)
+  def test_backward_from_states_saved_every_few_chunks(self, rerun_groups):
+    # 8 chunks in groups of 3: the backward re-runs the kernel from its saved (merged) states,
+    # the two whole groups one at a time or both in one launch (their rows stacked).
     self._check(_config(), 64, "bfloat16", _seed("mlp-rows-save"),
-                KernelBlocks(row_lowering="mosaic_gpu", save_every=3), 7 * 16 + 5)
+                KernelBlocks(row_lowering="mosaic_gpu", save_every=3,
+                             rerun_groups=rerun_groups), 7 * 16 + 5)
 
   @parameterized.parameters(("titans", "cumulative", 4.0), ("gd", "chunk_start", 2.0))
   def test_forward_agrees_with_its_jnp_reference(self, rule, read, expansion):
@@ -236,6 +239,10 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
       chunk_rows_mgpu_mlp.mlp_rows_forward(q, k, v, None, None, [], activation="gelu",
                                            l2=True, save_every=2, interpret=True,
                                            save_aux=True)
+    with self.assertRaisesRegex(ValueError, "outputs=False is the backward's re-run"):
+      chunk_rows_mgpu_mlp.mlp_rows_forward(q, k, v, None, None, [], activation="gelu",
+                                           l2=True, save_every=1, interpret=True,
+                                           outputs=False)
 
   def test_refused_ops_run_on_the_pallas_row_kernel(self):
     blocks, reason = chunk_memory.rows_blocks(_config(expansion=5.0), 64, jnp.bfloat16,

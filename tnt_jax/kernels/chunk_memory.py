@@ -97,6 +97,14 @@ class KernelBlocks:
     the residuals are N / save_every + save_every states instead of N, for one more forward.
     None picks round(sqrt(N)) (like ops/chunkwise.py's ~sqrt(N) chunk groups); 1 saves every
     chunk-start state and recomputes nothing (fastest, most memory).
+  rerun_groups: how many of those groups the fused backward re-runs in one launch, their rows
+    stacked (each group's re-run needs only its saved start state), before walking them back in
+    one reverse launch. Where a launch's programs leave SMs idle -- one sequence of 12 heads is
+    12 programs, or 48 for the Mosaic GPU mlp's clusters, on an H100's 132 SMs -- k groups
+    re-run in the time of one; the backward then holds k groups' chunk states instead of one.
+    None (auto): `rerun_groups()`, as many as fill the GPU's SMs (compiled GPU; 1 elsewhere: a
+    TPU core and the interpreter run a grid's programs in turn). Not with value_split's shared
+    rows (1 there).
   hidden_slice: 0 carries the whole state as the chunk loop's value (in registers on GPU). h > 0
     (a 2-layer mlp only) keeps the state in memory and streams it h hidden units at a time
     (kernels/sliced_mlp.py): only a slice is live, so the state budget and the activation limit
@@ -160,6 +168,7 @@ class KernelBlocks:
   max_chunk_activations: int | None = None
   backward: str = "fused"
   save_every: int | None = None
+  rerun_groups: int | None = None
   backward_num_warps: int | None = None
   hidden_slice: int = 0
   layout: str | None = None
@@ -187,7 +196,7 @@ class KernelBlocks:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
-                 "save_every", "backward_num_warps"):   # hidden_slice, tile: below
+                 "save_every", "rerun_groups", "backward_num_warps"):   # hidden_slice, tile: below
       value = getattr(self, name)
       if value is None and name != "num_stages":
         continue
@@ -261,6 +270,28 @@ class KernelBlocks:
     if self.save_every is not None:
       return self.save_every
     return max(1, round(num_chunks ** 0.5))
+
+
+def rerun_groups(blocks: KernelBlocks, *, rows: int, programs_per_row: int, shared: int,
+                 full_groups: int, compiled_gpu: bool) -> int:
+  """Checkpoint groups the fused backward re-runs in one launch: KernelBlocks.rerun_groups, or
+  for None as many as fill the GPU's SMs with rows x programs_per_row programs each (a
+  cluster's 4 programs per row for the Mosaic GPU mlp), at most full_groups (the whole groups
+  of `save_every` chunks). 1 where value_split shares q, k and the gates between rows (shared >
+  1: stacked groups would break the kernel's row // split map) and, for None, off the compiled
+  GPU."""
+  if shared > 1 or full_groups <= 1:
+    return 1
+  if blocks.rerun_groups is not None:
+    return min(blocks.rerun_groups, full_groups)
+  cores = target_core_count()
+  if not compiled_gpu or not cores:
+    return 1
+  if programs_per_row > 1:
+    # A cluster is placed within one GPC (16-18 SMs on an H100), so each GPC's leftover SMs
+    # take none: count 15 of every 16 (132 SMs take 32 clusters of 4, not 33).
+    cores -= cores // 16
+  return max(1, min(full_groups, cores // (rows * programs_per_row)))
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -919,13 +950,16 @@ def _kernel_name(direction: str, static: _Static, sliced) -> str:
   return f"chunk_memory_{direction}_{static.config.model.kind}_{static.config.rule.kind}{layout}"
 
 
-def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None):
+def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None,
+                  outputs: bool = True):
   """Kernel forward on the row layout: (out [R, N, C, d], final state, saved), saved being the
   start states of chunks 0, s, 2s, ... ([R, ceil(N / s), out, in] per layer) for save_every=s,
-  or [] for None."""
+  or [] for None. outputs=False (the backward's re-runs) lets a kernel skip the output (out may
+  then be None)."""
   cd = q.dtype
   if static.blocks.row_lowering == "mosaic_gpu":
-    return _mosaic_rows_forward(static, q, k, v, coefs, state, save_every=save_every)
+    return _mosaic_rows_forward(static, q, k, v, coefs, state, save_every=save_every,
+                                outputs=outputs)
   sliced = _sliced_step(static, q.shape[-1], cd)
   if sliced is not None:
     def body(carry_refs, chunk):
@@ -947,7 +981,8 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
   return outs[0], final, saved
 
 
-def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None):
+def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None,
+                         outputs: bool = True):
   """`_rows_forward` on the Mosaic GPU row kernel (kernels/chunk_rows_mgpu.py, or for a 2-layer
   mlp kernels/chunk_rows_mgpu_mlp.py; "features" layout, so q, k, v are [R, N, d, C])."""
   from tnt_jax.kernels import chunk_rows_mgpu
@@ -961,7 +996,7 @@ def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: 
     return chunk_rows_mgpu_mlp.mlp_rows_forward(
         q, k, v, packed, read_x, list(state), activation=static.config.model.activation,
         l2=static.config.loss == "l2", save_every=save_every, interpret=static.interpret,
-        save_aux=save_aux)
+        save_aux=save_aux, outputs=outputs or not save_aux)
   return chunk_rows_mgpu.linear_rows_forward(
       q, k, v, packed, read_x, list(state), l2=static.config.loss == "l2",
       save_every=save_every, interpret=static.interpret)
@@ -1068,38 +1103,67 @@ def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_fina
   last group first, re-run the forward kernel from the group's saved state (saving every
   chunk-start state of the group), then the reverse kernel over the group. The groups run in a
   reverse lax.scan, so only one group's states are live at a time; a shorter last group (N not
-  a multiple of spacing) runs first, on its own."""
+  a multiple of spacing) runs first, on its own.
+
+  `rerun_groups` consecutive groups re-run in one launch, each group's rows stacked below the
+  last's ([R, g * spacing] -> [R * g, spacing], a reshape), and are walked back in one reverse
+  launch; whole groups left over from a multiple of it run as one more, smaller, step."""
   if spacing == 1:
     dq, dk, dv, d_coefs, d_state = _rows_backward(static, q, k, v, coefs, saved, d_out, d_final)
     return [dq, dk, dv, *d_coefs], d_state
   n = q.shape[1]
-  num_groups = -(-n // spacing)
-  head = (num_groups - 1) * spacing           # chunks in the full groups before the last one
+  full = -(-n // spacing) - 1                  # whole groups before the last (maybe shorter)
+  programs = 1
+  if static.blocks.row_lowering == "mosaic_gpu" and static.config.model.kind == "mlp":
+    from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS
+    programs = saved[0].shape[2] // UNITS                    # W1 [R, groups, hidden, d]
+  per_launch = rerun_groups(
+      static.blocks, rows=v.shape[0], programs_per_row=programs, shared=_shared_rows(q, v),
+      full_groups=full, compiled_gpu=static.interpret is False and target_platform() == "gpu")
   chunked = [q, k, v, *coefs, d_out]
 
-  def group(state0, d_carry, arrays):
+  def groups(starts, d_carry, arrays):
+    """Re-run starts' g groups in one launch, then walk them back: starts [R, g, ...] per state
+    leaf, arrays [R, g * L, ...]."""
+    g = starts[0].shape[1]
+    stack = lambda x: x.reshape((x.shape[0] * g, x.shape[1] // g) + x.shape[2:])
+    unstack = lambda x: x.reshape((x.shape[0] // g, x.shape[1] * g) + x.shape[2:])
     qg, kg, vg, *cg, dg = arrays
-    _, _, states = _rows_forward(static, qg, kg, vg, cg, state0, save_every=1)
-    dq, dk, dv, d_coefs, d_carry = _rows_backward(static, qg, kg, vg, cg, states, dg, d_carry)
+    _, _, states = _rows_forward(static, stack(qg), stack(kg), stack(vg), [stack(c) for c in cg],
+                                 [s.reshape((-1,) + s.shape[2:]) for s in starts], save_every=1,
+                                 outputs=False)
+    dq, dk, dv, d_coefs, d_carry = _rows_backward(static, qg, kg, vg, cg,
+                                                  [unstack(s) for s in states], dg, d_carry)
     return d_carry, [dq, dk, dv, *d_coefs]
 
-  d_carry, last_grads = group([s[:, -1] for s in saved], list(d_final),
-                              [x[:, head:] for x in chunked])
-  if not head:
-    return last_grads, d_carry
-  # [R, head, ...] -> [groups, R, spacing, ...] for the scan, and back.
-  split = lambda x: jnp.moveaxis(
-      x[:, :head].reshape((x.shape[0], num_groups - 1, spacing) + x.shape[2:]), 1, 0)
-  merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], head) + x.shape[3:])
-  starts = [jnp.moveaxis(s[:, :-1], 1, 0) for s in saved]
+  head = full * spacing                        # chunks in the whole groups before the last one
+  d_carry, grads = groups([s[:, full:] for s in saved], list(d_final),
+                          [x[:, head:] for x in chunked])
+  pieces = [grads]
+  stepped = full - full % per_launch           # whole groups the scan takes, per_launch a step
+  if stepped < full:
+    lo = stepped * spacing
+    d_carry, grads = groups([s[:, stepped:full] for s in saved], d_carry,
+                            [x[:, lo:head] for x in chunked])
+    pieces.insert(0, grads)
+  if stepped:
+    steps, width = stepped // per_launch, per_launch * spacing
+    # [R, stepped * spacing, ...] -> [steps, R, width, ...] for the scan, and back.
+    split = lambda x, size, per: jnp.moveaxis(
+        x[:, :size].reshape((x.shape[0], steps, per) + x.shape[2:]), 1, 0)
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], steps * width) + x.shape[3:])
+    starts = [split(s, stepped, per_launch) for s in saved]
 
-  def scan_body(d_carry, xs):
-    state0, arrays = xs
-    return group(state0, d_carry, arrays)
+    def scan_body(d_carry, xs):
+      state0, arrays = xs
+      return groups(state0, d_carry, arrays)
 
-  d_carry, head_grads = jax.lax.scan(scan_body, d_carry, (starts, [split(x) for x in chunked]),
-                                     reverse=True)
-  grads = [jnp.concatenate([merge(hg), lg], axis=1) for hg, lg in zip(head_grads, last_grads)]
+    d_carry, grads = jax.lax.scan(
+        scan_body, d_carry, (starts, [split(x, stepped * spacing, width) for x in chunked]),
+        reverse=True)
+    pieces.insert(0, [merge(x) for x in grads])
+  grads = [jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+           for parts in zip(*pieces)]
   return grads, d_carry
 
 

@@ -133,7 +133,8 @@ def cluster_sum(parts, buffer, barrier, program, exchange: bool):
 
 
 def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
-                     save_every: int | None, interpret, save_aux: bool = False):
+                     save_every: int | None, interpret, save_aux: bool = False,
+                     outputs: bool = True):
   """The forward over every row's chunks.
 
   qt, kt, vt: [R, N, d, C] compute dtype (features layout); packed [R, N, 8, C] and read_x
@@ -144,10 +145,14 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   reverse walk (chunk_rows_mgpu_mlp_reverse) reads: the states in the compute dtype (its wgmma
   operands; the copies this kernel computes with), then every chunk's E rounded to the compute
   dtype [R, N, d, C] and, for the cumulative read, each slice's layer-2 read scores A^T Aq
-  [R, slices, N, C, C] float32 ([j, t])."""
+  [R, N, slices, C, C] float32 ([j, t]); every saved array's chunk axis is its second.
+  outputs=False (the backward's re-run, with save_aux) writes no output (out is None) and skips
+  the read's layer 2."""
   if save_aux and save_every != 1:
     raise ValueError(f"save_aux needs save_every=1 (the reverse walk reads every chunk's E); "
                      f"got save_every={save_every!r}")
+  if not (outputs or save_aux):
+    raise ValueError("outputs=False is the backward's re-run: it needs save_aux=True")
   plgpu = _plgpu()
   rows, num_chunks, d, chunk = qt.shape
   cd = qt.dtype
@@ -171,7 +176,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   def body(*refs):
     ins, refs = refs[:n_loads], refs[n_loads:]
     state_g, refs = refs[:n_states], refs[n_states:]
-    out_g, refs = refs[0], refs[1:]
+    out_g, refs = (refs[0], refs[1:]) if outputs else (None, refs)
     final_g, refs = refs[:n_states], refs[n_states:]
     saved_g, refs = (refs[:n_states], refs[n_states:]) if n_saved else ((), refs)
     aux_g, refs = refs[:n_aux], refs[n_aux:]
@@ -303,27 +308,36 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
           zq = zw
         aq_s[l] = act(zq)[0].astype(cd)
         plgpu.commit_smem()
-        # Round 5: layer 2 of the read; its scores against the keys' hidden activations.
-        products = [([(stcd.at[w2, l], aq_s.at[l])], (d, chunk))]
-        if cumulative:
-          products.append(([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk)))
-          if momentum:
-            products.append(([(stcd.at[s2, l], aq_s.at[l])], (d, chunk)))
-        read = mms(products)
-        out = read[0]
-        if cumulative:
-          p2_s[...] = (rx_s[slot] * read[1]).astype(cd)
-          plgpu.commit_smem()
-          out = row_of(slot, ROW_READ_W0, d) * out + mms([([(e_s, p2_s.at[:chunk])],
-                                                          (d, chunk))])[0]
-          if momentum:
-            out = out + row_of(slot, ROW_READ_S0, d) * read[2]
-        # Its wait for earlier copies from shared memory covers this chunk's saved state too.
-        _store(out, o_s, out_g.at[r, c * local + l, n])
-        if save_scores:                  # after _store's wait: the last chunk's copy is done
-          sc_s[l] = read[1]
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, c * local + l, n])
+        # Round 5: layer 2 of the read; its scores against the keys' hidden activations. The
+        # backward's re-run (outputs=False) writes no output: only the scores its walk reads.
+        if not outputs:
+          # Earlier copies from shared memory (this chunk's saved state's too) are done.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          if save_scores:
+            sc_s[l] = mms([([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk))])[0]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, n, c * local + l])
+        else:
+          products = [([(stcd.at[w2, l], aq_s.at[l])], (d, chunk))]
+          if cumulative:
+            products.append(([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk)))
+            if momentum:
+              products.append(([(stcd.at[s2, l], aq_s.at[l])], (d, chunk)))
+          read = mms(products)
+          out = read[0]
+          if cumulative:
+            p2_s[...] = (rx_s[slot] * read[1]).astype(cd)
+            plgpu.commit_smem()
+            out = row_of(slot, ROW_READ_W0, d) * out + mms([([(e_s, p2_s.at[:chunk])],
+                                                            (d, chunk))])[0]
+            if momentum:
+              out = out + row_of(slot, ROW_READ_S0, d) * read[2]
+          # Its wait for earlier copies from shared memory covers this chunk's saved state too.
+          _store(out, o_s, out_g.at[r, c * local + l, n])
+          if save_scores:                  # after _store's wait: the last chunk's copy is done
+            sc_s[l] = read[1]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, n, c * local + l])
         # The slice's state update (its compute-dtype copy is read by no later product).
         p_w0, q_s0 = scalar_of(slot, ROW_END_W0), scalar_of(slot, ROW_END_S0)
         for leaf, new_upd, new_s_upd in ((w1, upd[0], upd[2] if momentum else None),
@@ -347,7 +361,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
     plgpu.wait_smem_to_gmem(0)
 
   # The state leaves stay in their own layout; each program copies its slice's blocks.
-  out_types = [jax.ShapeDtypeStruct((rows, n_slices, num_chunks, d, chunk), f32)]
+  out_types = [jax.ShapeDtypeStruct((rows, n_slices, num_chunks, d, chunk), f32)] if outputs else []
   out_types += [jax.ShapeDtypeStruct(x.shape, f32) for x in state]
   saved_dtype = cd if save_aux else f32
   out_types += [jax.ShapeDtypeStruct((rows, n_saved) + x.shape[1:], saved_dtype)
@@ -355,7 +369,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   if save_aux:
     out_types.append(jax.ShapeDtypeStruct((rows, num_chunks, d, chunk), cd))
     if cumulative:
-      out_types.append(jax.ShapeDtypeStruct((rows, n_slices, num_chunks, chunk, chunk), f32))
+      out_types.append(jax.ShapeDtypeStruct((rows, num_chunks, n_slices, chunk, chunk), f32))
   # A wgmma's two shared-memory operands share one tiling: every operand buffer takes the
   # swizzle of a C-token row (32 bytes at C = 16).
   swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
@@ -388,7 +402,9 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       interpret=_interpret_params(interpret),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *state)
-  out = results[0].sum(axis=1).astype(cd)
+  if not outputs:                    # the backward's re-run
+    results = [None] + list(results)
+  out = results[0].sum(axis=1).astype(cd) if outputs else None
   final = list(results[1:1 + n_states])
   saved = list(results[1 + n_states:]) if n_saved else []
   return out, final, saved

@@ -106,7 +106,7 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
 
   qt, kt, d_out, e: [R, N, d, C] compute dtype (features layout; e is the loss gradient E);
   packed [R, N, 8, C] float32 (chunk_rows_mgpu.pack_coefficients); p1, m2 [R, N, C, C] and p2
-  [R, slices, N, C, C] compute dtype ([j, t]), or None for the chunk-start read; saved: the start
+  [R, N, slices, C, C] compute dtype ([j, t]), or None for the chunk-start read; saved: the start
   state of every chunk in the compute dtype, [W1, W2] or [W1, W2, S1, S2] ([R, N, h, d],
   [R, N, d, h]); d_final: the final state's cotangent, float32 [R, h, d] / [R, d, h].
 
@@ -171,7 +171,7 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
         plgpu.copy_gmem_to_smem(ins[i].at[r, n], dst.at[slot], barrier.at[slot * n_loads + i])
       if cumulative:
         for l in range(local):
-          plgpu.copy_gmem_to_smem(p2_g.at[r, c * local + l, n], p2_s.at[slot, l],
+          plgpu.copy_gmem_to_smem(p2_g.at[r, n, c * local + l], p2_s.at[slot, l],
                                   barrier.at[slot * n_loads + n_shared + l])
 
     def fetch_state(n):
@@ -482,7 +482,7 @@ def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activ
     d_p2 = products_of("rndj,rndt->rnjt", e, d_out)            # E^T dO
     p1 = (read_x * scores1).astype(cd)
     m2 = (read_x * d_p2).astype(cd)
-    p2 = (read_x[:, None] * scores2).astype(cd)
+    p2 = (read_x[:, :, None] * scores2).astype(cd)
   dq, dk, dy, products, dc, dzq, ends, d_init = mlp_rows_reverse(
       qt, kt, d_out, e, packed, p1, m2, p2, [s.astype(cd) for s in states], list(d_final),
       activation=activation, l2=l2, interpret=interpret)
@@ -493,7 +493,7 @@ def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activ
     m1 = (read_x * d_p1).astype(cd)
     dq = dq + products_of("rndj,rnjt->rndt", kt, m1)
     dk = dk + products_of("rndt,rnjt->rndj", qt, m1)
-    d_read_x = scores1 * d_p1 + scores2.sum(axis=1) * d_p2
+    d_read_x = scores1 * d_p1 + scores2.sum(axis=2) * d_p2
   ends = ends.sum(axis=(1, 4))                                # [R, N, 3 or 1]
   names = ("end_w0", "end_s0", "end_ss0")[:ends.shape[-1]]
   end_dots = {name: ends[:, :, i, None, None] for i, name in enumerate(names)}
