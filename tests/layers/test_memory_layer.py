@@ -249,7 +249,7 @@ class ConfigRulesTest(parameterized.TestCase):
        "KernelBlocks.tile=3 must be 0 (off) or a power of 2"),
       ("bad_kernel_blocks_field", lambda: TitansLayerConfig(d_model=32, num_heads=2,
                                                             kernel_blocks="tiles=32"),
-       "KernelBlocks entry 'tiles=32' must be field=value with a KernelBlocks field"),
+       "KernelBlocks spec 'tiles=32': 'tiles=32' must be field=value with field in"),
   )
   def test_bad_config_raises(self, make, message):
     with self.assertRaisesRegex(ValueError, message.replace("(", r"\(").replace(")", r"\)")):

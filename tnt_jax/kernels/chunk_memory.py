@@ -63,6 +63,7 @@ from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
 from tnt_jax.platform import target_core_count, target_platform
+from tnt_jax.spec_strings import natural, parse_fields
 
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
@@ -235,17 +236,10 @@ class KernelBlocks:
     lowerings take a name), as the benchmark's --kernel_blocks flag writes them."""
     if spec == "default":
       return cls()
-    fields = {}
-    for item in spec.split("+"):
-      name, sep, value = item.partition("=")
-      if not sep or name not in cls.__dataclass_fields__:
-        raise ValueError(f"KernelBlocks entry {item!r} must be field=value with a KernelBlocks "
-                         f"field ({', '.join(cls.__dataclass_fields__)})")
-      named = name in ("backward", "layout", "tile_lowering", "row_lowering",
-                       "reverse_lowering")
-      if not named and not value.isdigit():
-        raise ValueError(f"KernelBlocks entry {item!r}: {name} takes an integer")
-      fields[name] = value if named else int(value)
+    named = ("backward", "layout", "tile_lowering", "row_lowering", "reverse_lowering")
+    converters = {name: (str, "a name") if name in named else (natural, "an integer")
+                  for name in cls.__dataclass_fields__}
+    fields = parse_fields(spec.split("+"), converters, f"KernelBlocks spec {spec!r}")
     return cls(**fields)
 
   def resolved_layout(self, model_kind: str, driver: str) -> str:

@@ -20,6 +20,8 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from tnt_jax.spec_strings import parse_fields
+
 Array = jax.Array
 Dense = Callable[[str, Array], Array]
 FastWeights = dict  # {layer: {"w": [..., out, in], "b": [..., out]}}
@@ -46,8 +48,9 @@ def _bool(value: str) -> bool:
   return value.lower() in ("true", "1")
 
 
-_SPEC_FIELDS = {"depth": (int, "int"), "expansion": (float, "float"), "activation": (str, "str"),
-                "residual_norm": (_bool, "bool"), "bias": (_bool, "bool")}
+_SPEC_FIELDS = {"depth": (int, "an integer"), "expansion": (float, "a float"),
+                "activation": (str, "a name"), "residual_norm": (_bool, "a bool"),
+                "bias": (_bool, "a bool")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +87,7 @@ class MemoryModel:
     joined by "+": "linear", "mlp" (2 layers, expansion 4, gelu: Titans'), "mlp+expansion=2",
     "swiglu+expansion=1". An unknown kind, field or value raises ValueError naming it."""
     kind, *entries = str(spec).split("+")
-    fields = {}
-    for entry in entries:
-      name, sep, value = entry.partition("=")
-      if not sep or name not in _SPEC_FIELDS:
-        raise ValueError(f"memory model spec {spec!r}: {entry!r} must be field=value with field "
-                         f"in {tuple(_SPEC_FIELDS)}")
-      convert, type_name = _SPEC_FIELDS[name]
-      try:
-        fields[name] = convert(value)
-      except ValueError:
-        raise ValueError(f"memory model spec {spec!r}: {name}={value!r} is not a "
-                         f"{type_name}") from None
+    fields = parse_fields(entries, _SPEC_FIELDS, f"memory model spec {spec!r}")
     return cls(kind=kind, **fields)
 
   def hidden_dim(self, head_dim: int) -> int:
