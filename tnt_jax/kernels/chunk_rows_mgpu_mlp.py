@@ -402,9 +402,10 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       interpret=_interpret_params(interpret),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *state)
-  if not outputs:                    # the backward's re-run
-    results = [None] + list(results)
-  out = results[0].sum(axis=1).astype(cd) if outputs else None
-  final = list(results[1:1 + n_states])
-  saved = list(results[1 + n_states:]) if n_saved else []
+  out = None                         # outputs=False: the backward's re-run
+  if outputs:
+    out, *results = results
+    out = out.sum(axis=1).astype(cd)
+  final = list(results[:n_states])
+  saved = list(results[n_states:]) if n_saved else []
   return out, final, saved
