@@ -31,3 +31,10 @@ def natural(value: str) -> int:
   if not value.isdigit():
     raise ValueError(value)
   return int(value)
+
+
+def boolean(value: str) -> bool:
+  """"true" or "false" (any case)."""
+  if value.lower() not in ("true", "false"):
+    raise ValueError(value)
+  return value.lower() == "true"

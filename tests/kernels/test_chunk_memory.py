@@ -219,11 +219,14 @@ class ChunkMemoryKernelTest(KernelTestCase):
     self._check(config, 64, dtype, _seed("save_every", save_every),
                 blocks=KernelBlocks(save_every=save_every), length=7 * CHUNK + 5)
 
-  @parameterized.parameters((2, 2), (2, 3), (3, 2), (2, 9))
-  def test_checkpoint_groups_re_run_together(self, save_every, per_launch):
+  @parameterized.parameters((2, 2, False), (2, 3, False), (3, 2, False), (2, 9, False),
+                            (2, 1, True), (2, 3, True))
+  def test_checkpoint_groups_re_run_together(self, save_every, per_launch, overlap):
     # 11 chunks in groups of save_every: the last (shorter) group alone, then the whole groups
     # per_launch to a launch, their rows stacked, and the whole groups left over in one smaller
     # launch (2, 3: a scan step of 3 groups and 2 left; 2, 9: at most the 5 whole groups).
+    # overlap: the same re-runs, each a step ahead of the walk (after it here: these kernels
+    # cannot share a launch).
     config = _config("mlp", "titans_cumulative")
     re_runs = []
     real = chunk_memory._rows_forward
@@ -235,8 +238,8 @@ class ChunkMemoryKernelTest(KernelTestCase):
 
     self.enter_context(absltest.mock.patch.object(chunk_memory, "_rows_forward", spy))
     self._check(config, 64, self.DTYPES[0], _seed("re-run", save_every, per_launch),
-                blocks=KernelBlocks(save_every=save_every, rerun_groups=per_launch),
-                length=10 * CHUNK + 5)
+                blocks=KernelBlocks(save_every=save_every, rerun_groups=per_launch,
+                                    overlap_reruns=overlap), length=10 * CHUNK + 5)
     rows = re_runs[0][0]                       # the last group's, re-run on its own
     full = -(-11 // save_every) - 1
     together = min(per_launch, full)
@@ -579,6 +582,42 @@ class KernelErrorsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "rerun_groups=0 must be an integer >= 1"):
       KernelBlocks(rerun_groups=0)
     self.assertEqual(KernelBlocks.from_spec("rerun_groups=2").rerun_groups, 2)
+
+  def test_auto_overlap_reruns_where_the_walk_leaves_room(self):
+    # None (auto): re-run beside the walk where the Mosaic GPU mlp kernels run compiled and the
+    # walk's programs leave an H100's SMs for at least one group's re-run.
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+    def beside(rows, programs=4, shared=1, full=45, compiled_gpu=True, fusible=True, **blocks):
+      with jax.sharding.use_abstract_mesh(mesh):
+        return chunk_memory.overlapped_rerun_groups(
+            KernelBlocks(**blocks), rows=rows, programs_per_row=programs, shared=shared,
+            full_groups=full, compiled_gpu=compiled_gpu, fusible=fusible)
+
+    self.assertIsNone(KernelBlocks().overlap_reruns)
+    self.assertEqual(beside(12), 1)                    # 48 walk, 48 re-run of 124
+    self.assertEqual(beside(6), 4)                     # 24 walk, 96 re-run
+    self.assertEqual(beside(6, full=3), 3)             # at most the whole groups
+    self.assertEqual(beside(6, rerun_groups=2), 2)
+    self.assertEqual(beside(16), 0)                    # 64 walk leave 60: no room for 64
+    self.assertEqual(beside(192), 0)                   # a TNT local memory fills the GPU
+    self.assertEqual(beside(12, fusible=False), 0)     # the kernels cannot share a launch
+    self.assertEqual(beside(12, compiled_gpu=False), 0)
+    self.assertEqual(beside(12, shared=4), 0)
+    self.assertEqual(beside(12, full=0), 0)            # one group: nothing to overlap
+    self.assertEqual(beside(12, overlap_reruns=False), 0)
+    # On: anywhere (the re-run then runs after the walk where the launch cannot be shared).
+    self.assertEqual(beside(192, compiled_gpu=False, fusible=False, overlap_reruns=True), 1)
+    self.assertEqual(beside(192, overlap_reruns=True, rerun_groups=3), 3)
+    self.assertEqual(beside(12, shared=4, overlap_reruns=True), 0)
+    with self.assertRaisesRegex(ValueError, "overlap_reruns=1 must be None"):
+      KernelBlocks(overlap_reruns=1)
+    self.assertTrue(KernelBlocks.from_spec("overlap_reruns=true").overlap_reruns)
+    self.assertFalse(KernelBlocks.from_spec("overlap_reruns=False").overlap_reruns)
+    with self.assertRaisesRegex(ValueError, "overlap_reruns='yes' is not true or false"):
+      KernelBlocks.from_spec("overlap_reruns=yes")
 
   def test_bad_blocks_and_driver(self):
     with self.assertRaisesRegex(ValueError, "num_warps=3 must be a power of 2"):

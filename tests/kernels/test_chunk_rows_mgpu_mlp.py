@@ -19,7 +19,7 @@ from tests.helpers import assert_trees_rel_close
 from tests.kernels.test_chunk_memory import (KernelTestCase, _inputs, _outputs_and_vjp, _seed,
                                              independent_row_case, row_op_and_reference)
 from tnt_jax.kernels import (chunk_memory, chunk_rows_mgpu, chunk_rows_mgpu_mlp,
-                             chunk_rows_mgpu_mlp_reverse)
+                             chunk_rows_mgpu_mlp_reverse, mgpu_launch)
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory, kernel_memory_reference
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
 from tnt_jax.ops.api import memory_op
@@ -84,6 +84,31 @@ class MosaicMlpRowsTest(KernelTestCase):
     self._check(_config(), 64, "bfloat16", _seed("mlp-rows-save"),
                 KernelBlocks(row_lowering="mosaic_gpu", save_every=3,
                              rerun_groups=rerun_groups), 7 * 16 + 5)
+
+  @parameterized.parameters((2, 1, 8), (2, 2, 11), (3, 2, 8))
+  def test_reruns_beside_the_walk(self, save_every, per_launch, num_chunks):
+    # overlap_reruns: each launch walks one step of groups back while re-running the next
+    # step's groups (stacked, per_launch a step) on rows of their own (mgpu_launch). 8 chunks in
+    # groups of 2: a scan of three steps; 11 in groups of 2 by 2: the last group, one left over,
+    # then a scan of two steps; 8 in groups of 3 by 2: the last group, then one step.
+    launches = []
+    real = mgpu_launch.launch
+
+    def spy(parts, **kwargs):
+      launches.append(tuple(part.rows for part in parts))
+      return real(parts, **kwargs)
+
+    self.enter_context(absltest.mock.patch.object(mgpu_launch, "launch", spy))
+    blocks = KernelBlocks(row_lowering="mosaic_gpu", save_every=save_every,
+                          rerun_groups=per_launch, overlap_reruns=True)
+    self._check(_config(), 64, "bfloat16", _seed("mlp-rows-beside", save_every, per_launch),
+                blocks, (num_chunks - 1) * 16 + 5)
+    rows = launches[0][0]                          # the forward's, alone
+    full = -(-num_chunks // save_every) - 1
+    want = {(rows,), (rows, rows * per_launch)}
+    if full % per_launch:
+      want.add((rows, rows * (full % per_launch)))
+    self.assertEqual(set(launches), want)
 
   @parameterized.parameters(("titans", "cumulative", 4.0), ("gd", "chunk_start", 2.0))
   def test_forward_agrees_with_its_jnp_reference(self, rule, read, expansion):

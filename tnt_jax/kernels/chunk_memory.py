@@ -63,7 +63,7 @@ from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
 from tnt_jax.platform import target_core_count, target_platform
-from tnt_jax.spec_strings import natural, parse_fields
+from tnt_jax.spec_strings import boolean, natural, parse_fields
 
 Array = jax.Array
 DRIVERS = ("sequential_grid", "chunk_loop")
@@ -106,6 +106,15 @@ class KernelBlocks:
     None (auto): `rerun_groups()`, as many as fill the GPU's SMs (compiled GPU; 1 elsewhere: a
     TPU core and the interpreter run a grid's programs in turn). Not with value_split's shared
     rows (1 there).
+  overlap_reruns: re-run the next groups in the same launch as the walk of the current ones, on
+    SMs of their own (`mgpu_launch`; `_rows_backward_pipelined`), so the re-runs hide behind the
+    walk where its rows leave SMs idle. rerun_groups then counts the groups re-run beside each
+    walk (None: as many as fit beside it). The backward holds two steps' chunk states instead
+    of one. None (auto): on where the Mosaic GPU mlp forward and reverse walk run, compiled,
+    and the walk leaves room for at least one group's re-run (one sequence of 12 heads on an
+    H100: 48 programs walk, 48 re-run); off elsewhere. True elsewhere runs the same schedule
+    with the re-run launched after the walk (where the kernels cannot share a launch), which
+    only costs memory; False: re-run, then walk (`rerun_groups` together).
   hidden_slice: 0 carries the whole state as the chunk loop's value (in registers on GPU). h > 0
     (a 2-layer mlp only) keeps the state in memory and streams it h hidden units at a time
     (kernels/sliced_mlp.py): only a slice is live, so the state budget and the activation limit
@@ -170,6 +179,7 @@ class KernelBlocks:
   backward: str = "fused"
   save_every: int | None = None
   rerun_groups: int | None = None
+  overlap_reruns: bool | None = None
   backward_num_warps: int | None = None
   hidden_slice: int = 0
   layout: str | None = None
@@ -207,6 +217,9 @@ class KernelBlocks:
       value = getattr(self, name)
       if value is not None and value & (value - 1):
         raise ValueError(f"KernelBlocks.{name}={value} must be a power of 2")
+    if self.overlap_reruns is not None and not isinstance(self.overlap_reruns, bool):
+      raise ValueError(f"KernelBlocks.overlap_reruns={self.overlap_reruns!r} must be None "
+                       "(auto), True or False")
     if self.value_split is not None and (
         not isinstance(self.value_split, int) or isinstance(self.value_split, bool)
         or not _is_power_of_2(self.value_split)):
@@ -239,6 +252,7 @@ class KernelBlocks:
     named = ("backward", "layout", "tile_lowering", "row_lowering", "reverse_lowering")
     converters = {name: (str, "a name") if name in named else (natural, "an integer")
                   for name in cls.__dataclass_fields__}
+    converters["overlap_reruns"] = (boolean, "true or false")
     fields = parse_fields(spec.split("+"), converters, f"KernelBlocks spec {spec!r}")
     return cls(**fields)
 
@@ -278,14 +292,40 @@ def rerun_groups(blocks: KernelBlocks, *, rows: int, programs_per_row: int, shar
     return 1
   if blocks.rerun_groups is not None:
     return min(blocks.rerun_groups, full_groups)
-  cores = target_core_count()
-  if not compiled_gpu or not cores:
+  cores = _usable_cores(programs_per_row) if compiled_gpu else 0
+  if not cores:
     return 1
+  return max(1, min(full_groups, cores // (rows * programs_per_row)))
+
+
+def overlapped_rerun_groups(blocks: KernelBlocks, *, rows: int, programs_per_row: int,
+                            shared: int, full_groups: int, compiled_gpu: bool,
+                            fusible: bool) -> int:
+  """Checkpoint groups re-run beside each walk of the fused backward (KernelBlocks.
+  overlap_reruns), or 0 to re-run, then walk (`rerun_groups`). fusible: the walk and the
+  re-run can share a launch (the Mosaic GPU mlp kernels). Auto: on where fusible, compiled on
+  the GPU and the walk's rows x programs_per_row programs leave SMs for at least one group's
+  re-run; rerun_groups (None: as many as fit beside the walk) per launch. Never with value_
+  split's shared rows, nor with fewer than two groups (nothing to overlap)."""
+  if shared > 1 or full_groups < 1 or blocks.overlap_reruns is False:
+    return 0
+  programs = rows * programs_per_row
+  spare = _usable_cores(programs_per_row) - programs if compiled_gpu else 0
+  if blocks.overlap_reruns is None and not (fusible and compiled_gpu and spare >= programs):
+    return 0
+  if blocks.rerun_groups is not None:
+    return min(blocks.rerun_groups, full_groups)
+  return max(1, min(full_groups, spare // programs))
+
+
+def _usable_cores(programs_per_row: int) -> int:
+  """The compiled GPU's SMs that take programs of clusters of programs_per_row (0 unknown)."""
+  cores = target_core_count() or 0
   if programs_per_row > 1:
     # A cluster is placed within one GPC (16-18 SMs on an H100), so each GPC's leftover SMs
     # take none: count 15 of every 16 (132 SMs take 32 clusters of 4, not 33).
     cores -= cores // 16
-  return max(1, min(full_groups, cores // (rows * programs_per_row)))
+  return cores
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -976,9 +1016,11 @@ def _rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | N
 
 
 def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: int | None,
-                         outputs: bool = True):
+                         outputs: bool = True, as_part: bool = False):
   """`_rows_forward` on the Mosaic GPU row kernel (kernels/chunk_rows_mgpu.py, or for a 2-layer
-  mlp kernels/chunk_rows_mgpu_mlp.py; "features" layout, so q, k, v are [R, N, d, C])."""
+  mlp kernels/chunk_rows_mgpu_mlp.py; "features" layout, so q, k, v are [R, N, d, C]). as_part
+  (the mlp only): (a `mgpu_launch.KernelPart`, the function of its results that returns what
+  this returns) instead, for a launch beside the reverse walk."""
   from tnt_jax.kernels import chunk_rows_mgpu
   rows, num_chunks, _, chunk = q.shape
   packed, read_x = chunk_rows_mgpu.pack_coefficients(
@@ -987,10 +1029,13 @@ def _mosaic_rows_forward(static: _Static, q, k, v, coefs, state, *, save_every: 
     from tnt_jax.kernels import chunk_rows_mgpu_mlp
     # Saving every chunk's state is for the backward: the mlp reverse walk reads E beside it.
     save_aux = save_every == 1 and _mosaic_reverse_reason(static, q) is None
-    return chunk_rows_mgpu_mlp.mlp_rows_forward(
+    return (chunk_rows_mgpu_mlp.mlp_forward_part if as_part else
+            chunk_rows_mgpu_mlp.mlp_rows_forward)(
         q, k, v, packed, read_x, list(state), activation=static.config.model.activation,
         l2=static.config.loss == "l2", save_every=save_every, interpret=static.interpret,
         save_aux=save_aux, outputs=outputs or not save_aux)
+  if as_part:
+    raise ValueError("only the Mosaic GPU mlp forward runs as a part of another launch")
   return chunk_rows_mgpu.linear_rows_forward(
       q, k, v, packed, read_x, list(state), l2=static.config.loss == "l2",
       save_every=save_every, interpret=static.interpret)
@@ -1010,21 +1055,26 @@ def _mosaic_reverse_reason(static: _Static, q) -> str | None:
                                     compiled=static.interpret is False)
 
 
-def _mosaic_rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final):
+def _mosaic_rows_backward(static: _Static, q, k, v, coefs, saved_states, d_out, d_final,
+                          beside=()):
   """`_rows_backward` on the Mosaic GPU reverse walk (kernels/chunk_rows_mgpu_reverse.py, or
   for a 2-layer mlp kernels/chunk_rows_mgpu_mlp_reverse.py, whose saved_states end with what
-  the forward saved for it beside the states)."""
+  the forward saved for it beside the states). beside (the mlp only): `mgpu_launch.KernelPart`s
+  to run in the walk's launch; their raw results are returned after the rest."""
   from tnt_jax.kernels import chunk_rows_mgpu, chunk_rows_mgpu_reverse
   rows, num_chunks, _, chunk = q.shape
   given = dict(zip(static.coef_fields, coefs))
   if static.config.model.kind == "mlp":
     from tnt_jax.kernels import chunk_rows_mgpu_mlp_reverse
     n_states = len(d_final)
-    dq, dk, dv, d_coefs, d_init = chunk_rows_mgpu_mlp_reverse.mlp_rows_backward(
+    dq, dk, dv, d_coefs, d_init, others = chunk_rows_mgpu_mlp_reverse.mlp_rows_backward(
         q, k, given, list(saved_states[:n_states]), list(saved_states[n_states:]), d_out,
         list(d_final), activation=static.config.model.activation,
-        l2=static.config.loss == "l2", interpret=static.interpret)
-    return dq, dk, dv.astype(v.dtype), [d_coefs[name] for name in static.coef_fields], d_init
+        l2=static.config.loss == "l2", interpret=static.interpret, beside=beside)
+    grads = (dq, dk, dv.astype(v.dtype), [d_coefs[name] for name in static.coef_fields], d_init)
+    return grads + (others,) if beside else grads
+  if beside:
+    raise ValueError("only the Mosaic GPU mlp reverse walk runs other kernels beside it")
   packed, read_x = chunk_rows_mgpu.pack_coefficients(given, rows, num_chunks, chunk)
   dq, dk, dv, products, d_read_x, d_ends, d_init = chunk_rows_mgpu_reverse.linear_rows_reverse(
       q, k, v, packed, read_x, list(saved_states), d_out, list(d_final),
@@ -1111,9 +1161,18 @@ def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_fina
   if static.blocks.row_lowering == "mosaic_gpu" and static.config.model.kind == "mlp":
     from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS
     programs = saved[0].shape[2] // UNITS                    # W1 [R, groups, hidden, d]
+  compiled_gpu = static.interpret is False and target_platform() == "gpu"
+  fusible = (static.blocks.row_lowering == "mosaic_gpu" and static.config.model.kind == "mlp"
+             and _mosaic_reverse_reason(static, q) is None)
+  beside = overlapped_rerun_groups(
+      static.blocks, rows=v.shape[0], programs_per_row=programs, shared=_shared_rows(q, v),
+      full_groups=full, compiled_gpu=compiled_gpu, fusible=fusible)
+  if beside:
+    return _rows_backward_pipelined(static, q, k, v, coefs, saved, d_out, d_final, spacing,
+                                    beside, fusible)
   per_launch = rerun_groups(
       static.blocks, rows=v.shape[0], programs_per_row=programs, shared=_shared_rows(q, v),
-      full_groups=full, compiled_gpu=static.interpret is False and target_platform() == "gpu")
+      full_groups=full, compiled_gpu=compiled_gpu)
   chunked = [q, k, v, *coefs, d_out]
 
   def groups(starts, d_carry, arrays):
@@ -1155,6 +1214,94 @@ def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_fina
     d_carry, grads = jax.lax.scan(
         scan_body, d_carry, (starts, [split(x, stepped * spacing, width) for x in chunked]),
         reverse=True)
+    pieces.insert(0, [merge(x) for x in grads])
+  grads = [jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+           for parts in zip(*pieces)]
+  return grads, d_carry
+
+
+def _rows_backward_pipelined(static: _Static, q, k, v, coefs, saved, d_out, d_final, spacing,
+                             per_launch, fusible):
+  """`_rows_backward_grouped` with the re-runs one step ahead of the walks: the same steps (the
+  last group, then the whole groups left over from a multiple of per_launch, then per_launch
+  groups at a time, their rows stacked), but each launch walks one step back while re-running
+  the next step's groups beside it (`mgpu_launch`: on SMs of their own, where fusible; else the
+  re-run runs after the walk). Only the first step's re-run runs alone. The walked step's
+  states and the next step's are live together."""
+  n = q.shape[1]
+  full = -(-n // spacing) - 1
+  head = full * spacing
+  chunked = [q, k, v, *coefs, d_out]
+  stacked = lambda x, g: x.reshape((x.shape[0] * g, x.shape[1] // g) + x.shape[2:])
+  unstacked = lambda x, g: x.reshape((x.shape[0] // g, x.shape[1] * g) + x.shape[2:])
+
+  def rerun_operands(starts, arrays):
+    g = starts[0].shape[1]
+    qg, kg, vg, *cg, _ = arrays
+    return g, [stacked(x, g) for x in (qg, kg, vg)], [stacked(c, g) for c in cg], [
+        s.reshape((-1,) + s.shape[2:]) for s in starts]
+
+  def rerun(starts, arrays):
+    g, (qs, ks, vs), cs, state0 = rerun_operands(starts, arrays)
+    _, _, states = _rows_forward(static, qs, ks, vs, cs, state0, save_every=1, outputs=False)
+    return [unstacked(x, g) for x in states]
+
+  def walk(arrays, states, d_carry, next_step=None):
+    """Walks a step back; re-runs next_step = (starts, arrays) beside it. Returns (d_carry,
+    grads, next_step's states)."""
+    qg, kg, vg, *cg, dg = arrays
+    next_states = None
+    if next_step is not None and fusible:
+      g, (qs, ks, vs), cs, state0 = rerun_operands(*next_step)
+      part, finish = _mosaic_rows_forward(static, qs, ks, vs, cs, state0, save_every=1,
+                                          outputs=False, as_part=True)
+      dq, dk, dv, d_coefs, d_carry, (results,) = _mosaic_rows_backward(
+          static, qg, kg, vg, cg, states, dg, d_carry, beside=[part])
+      next_states = [unstacked(x, g) for x in finish(results)[2]]
+    else:
+      dq, dk, dv, d_coefs, d_carry = _rows_backward(static, qg, kg, vg, cg, states, dg, d_carry)
+      if next_step is not None:
+        next_states = rerun(*next_step)
+    return d_carry, [dq, dk, dv, *d_coefs], next_states
+
+  stepped = full - full % per_launch           # whole groups the scan takes, per_launch a step
+  steps, width = stepped // per_launch, per_launch * spacing
+  split = lambda x, size, per: jnp.moveaxis(
+      x[:, :size].reshape((x.shape[0], steps, per) + x.shape[2:]), 1, 0)
+  scan_starts = [split(s, stepped, per_launch) for s in saved]
+  scan_arrays = [split(x, stepped * spacing, width) for x in chunked]
+  # The steps before the scan's, in the order they are walked; then the scan's last step.
+  queue = [([s[:, full:] for s in saved], [x[:, head:] for x in chunked])]
+  if stepped < full:
+    queue.append(([s[:, stepped:full] for s in saved],
+                  [x[:, stepped * spacing:head] for x in chunked]))
+  if steps:
+    queue.append(([s[-1] for s in scan_starts], [x[-1] for x in scan_arrays]))
+  d_carry, states, pieces = list(d_final), rerun(*queue[0]), []
+  for current, following in zip(queue, queue[1:]):
+    d_carry, grads, states = walk(current[1], states, d_carry, following)
+    pieces.insert(0, grads)
+  if not steps:
+    d_carry, grads, _ = walk(queue[-1][1], states, d_carry)
+    pieces.insert(0, grads)
+  else:
+    walked = []
+    if steps > 1:
+      def scan_body(carry, xs):
+        """Walks step i + 1 (its states carried) while re-running step i."""
+        d_carry, states = carry
+        starts_i, arrays_i, arrays_next = xs
+        d_carry, grads, states = walk(arrays_next, states, d_carry, (starts_i, arrays_i))
+        return (d_carry, states), grads
+
+      (d_carry, states), walked = jax.lax.scan(
+          scan_body, (d_carry, states),
+          ([s[:-1] for s in scan_starts], [x[:-1] for x in scan_arrays],
+           [x[1:] for x in scan_arrays]), reverse=True)
+    d_carry, first, _ = walk([x[0] for x in scan_arrays], states, d_carry)
+    grads = [jnp.concatenate([f[None], w], axis=0) if steps > 1 else f[None]
+             for f, w in zip(first, walked or [None] * len(first))]
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], steps * width) + x.shape[3:])
     pieces.insert(0, [merge(x) for x in grads])
   grads = [jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
            for parts in zip(*pieces)]

@@ -45,10 +45,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from tnt_jax.kernels import mgpu_launch
 from tnt_jax.kernels.chunk_rows_mgpu import (CHUNKS, COEF_ROWS, ROW_END_S0, ROW_END_SS0,
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
                                              ROW_READ_W0, SCORE_ROWS, mms)
-from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _interpret_params, _plgpu, _smem,
+from tnt_jax.kernels.chunk_start_mgpu import (SMEM_BYTES, _plgpu, _smem,
                                               _store, hopper_reason, operand_reason)
 from tnt_jax.kernels.step_math import act_and_grad
 
@@ -135,7 +136,18 @@ def cluster_sum(parts, buffer, barrier, program, exchange: bool):
 def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
                      save_every: int | None, interpret, save_aux: bool = False,
                      outputs: bool = True):
-  """The forward over every row's chunks.
+  """The forward over every row's chunks, in a launch of its own (`mlp_forward_part`)."""
+  part, finish = mlp_forward_part(qt, kt, vt, packed, read_x, state, activation=activation,
+                                  l2=l2, save_every=save_every, interpret=interpret,
+                                  save_aux=save_aux, outputs=outputs)
+  return finish(mgpu_launch.launch([part], interpret=interpret)[0])
+
+
+def mlp_forward_part(qt, kt, vt, packed, read_x, state, *, activation: str, l2: bool,
+                     save_every: int | None, interpret, save_aux: bool = False,
+                     outputs: bool = True):
+  """The forward over every row's chunks as a `mgpu_launch.KernelPart`, with the function that
+  turns its results into (out, final, saved).
 
   qt, kt, vt: [R, N, d, C] compute dtype (features layout); packed [R, N, 8, C] and read_x
   [R, N, C, C] float32 or None (chunk_rows_mgpu.pack_coefficients); state: [W1, W2] or
@@ -173,7 +185,7 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   exchange = cluster > 1
   act = lambda z: act_and_grad(activation, z)
 
-  def body(*refs):
+  def body(r, *refs):
     ins, refs = refs[:n_loads], refs[n_loads:]
     state_g, refs = refs[:n_states], refs[n_states:]
     out_g, refs = (refs[0], refs[1:]) if outputs else (None, refs)
@@ -183,7 +195,6 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
     (st32, stcd, qt_s, kt_s, vt_s, keys_s, coef_s, rx_s, a_s, ap_s, d_s, cd_s, aq_s, e_s, ce_s,
      p1_s, p2_s, ysum_s, o_s, barrier, xbar, *spares) = refs
     sc_s = spares.pop(0) if save_scores else None
-    r = lax.axis_index("rows")
     c = lax.axis_index("slices") if exchange else 0
     slots = [qt_s, kt_s, vt_s, keys_s, coef_s] + ([rx_s] if cumulative else [])
 
@@ -394,18 +405,17 @@ def mlp_rows_forward(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   if interpret:   # transposed copies (`transposed`): keys^T, W2s^T, A^T, A (padded)^T
     scratch += [operand((d, SCORE_ROWS)), operand((UNITS, d)), operand((chunk, UNITS)),
                 operand((SCORE_ROWS, UNITS))]
-  launch = dict(grid=(rows,), grid_names=("rows",))
-  if exchange:
-    launch.update(cluster=(n_slices,), cluster_names=("slices",))
-  results = plgpu.kernel(
-      body, out_type=out_types, scratch_types=scratch, **launch,
-      interpret=_interpret_params(interpret),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs, *state)
-  out = None                         # outputs=False: the backward's re-run
-  if outputs:
-    out, *results = results
-    out = out.sum(axis=1).astype(cd)
-  final = list(results[:n_states])
-  saved = list(results[n_states:]) if n_saved else []
-  return out, final, saved
+  # No reduction crosses warps (cross_warp_reductions=False): the 2 KiB of scratch it would
+  # take stay free.
+  part = mgpu_launch.KernelPart(body, [*inputs, *state], out_types, scratch, rows=rows,
+                                cluster=cluster, cross_warp_reductions=False)
+
+  def finish(results):
+    out = None                         # outputs=False: the backward's re-run
+    if outputs:
+      out, *results = results
+      out = out.sum(axis=1).astype(cd)
+    final = list(results[:n_states])
+    saved = list(results[n_states:]) if n_saved else []
+    return out, final, saved
+  return part, finish

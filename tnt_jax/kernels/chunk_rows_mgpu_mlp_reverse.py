@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from tnt_jax.kernels import mgpu_launch
 from tnt_jax.kernels.chunk_rows_mgpu import (COEF_ROWS, ROW_END_S0, ROW_END_SS0,
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
                                              ROW_READ_W0, mms, pack_coefficients)
@@ -53,7 +54,7 @@ from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS, cluster_sum, slice_block
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import smem_bytes as forward_smem_bytes
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import unsupported_reason as forward_reason
 from tnt_jax.kernels.chunk_rows_mgpu_reverse import coefficient_grads, product_fields
-from tnt_jax.kernels.chunk_start_mgpu import SMEM_BYTES, _interpret_params, _plgpu, _smem
+from tnt_jax.kernels.chunk_start_mgpu import SMEM_BYTES, _plgpu, _smem
 from tnt_jax.kernels.step_math import act_grad_and_curvature
 
 PRODUCT_ROWS = 64     # the coefficient products' rows (hidden units and features, both 64)
@@ -101,8 +102,20 @@ def unsupported_reason(config, head_dim: int, dtype, chunk: int, *, compiled: bo
 
 
 def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, activation: str,
+                     l2: bool, interpret, beside=()):
+  """The reverse walk over every row's chunks (`mlp_reverse_part`), in one launch with the
+  `mgpu_launch.KernelPart`s `beside` on rows of their own; returns the walk's results, then
+  each beside part's raw results."""
+  part, finish = mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final,
+                                  activation=activation, l2=l2, interpret=interpret)
+  results, *others = mgpu_launch.launch([part, *beside], interpret=interpret)
+  return finish(results), others
+
+
+def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, activation: str,
                      l2: bool, interpret):
-  """The reverse walk over every row's chunks.
+  """The reverse walk over every row's chunks as a `mgpu_launch.KernelPart`, with the function
+  that turns its results into those listed here.
 
   qt, kt, d_out, e: [R, N, d, C] compute dtype (features layout; e is the loss gradient E);
   packed [R, N, 8, C] float32 (chunk_rows_mgpu.pack_coefficients); p1, m2 [R, N, C, C] and p2
@@ -140,7 +153,7 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
                   "m2t": (chunk, chunk), "p2t": (chunk, chunk), "qtt": (chunk, d),
                   "ktt": (chunk, d), "aqt": (chunk, u), "dbkt": (chunk, u), "at": (chunk, u)}
 
-  def body(*refs):
+  def body(r, *refs):
     ins, refs = refs[:n_shared], refs[n_shared:]
     p2_g, refs = (refs[0], refs[1:]) if cumulative else (None, refs)
     saved_g, refs = refs[:n_states], refs[n_states:]
@@ -154,7 +167,6 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
     (st, dst32, dstc, a_s, dc_s, aq_s, dzq_s, g1_s, dbk_s, dz_s, g_s, dy_s, dq_s, dk_s, prod_s,
      ends_s, xsum_s, barrier, xbar), spare_refs = refs[:19], refs[19:]
     spares = dict(zip(spare_shapes, spare_refs))
-    r = lax.axis_index("rows")
     c = lax.axis_index("slices") if exchange else 0
     state_barrier = slots * n_loads
     init_barrier = state_barrier + n_states * local
@@ -442,32 +454,30 @@ def mlp_rows_reverse(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
   if interpret:
     scratch += [operand(shape) for shape in spare_shapes.values()]
-  launch = dict(grid=(rows,), grid_names=("rows",))
-  if exchange:
-    launch.update(cluster=(n_slices,), cluster_names=("slices",))
   inputs = shared_inputs + ([p2] if cumulative else []) + list(saved) + list(d_final)
-  results = plgpu.kernel(
-      body, out_type=out_types, scratch_types=scratch, **launch,
-      interpret=_interpret_params(interpret),
-      compiler_params=plgpu.CompilerParams(
-          # Its only reductions run along a block's rows, within each warp: no cross-warp
-          # scratch (2 KiB by default) is needed, and Titans has none to spare.
-          reduction_scratch_bytes=0,
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup))(*inputs)
-  dq, dk, dy, products = results[:4]
-  dc, dzq = results[4:6] if cumulative else (None, None)
-  ends, *d_init = results[4 + 2 * cumulative:]
-  return dq, dk, dy, products, dc, dzq, ends, d_init
+  # Its only reductions run along a block's rows, within each warp: no cross-warp scratch (2 KiB
+  # otherwise) is needed, and Titans has none to spare.
+  part = mgpu_launch.KernelPart(body, inputs, out_types, scratch, rows=rows, cluster=cluster,
+                                cross_warp_reductions=False)
+
+  def finish(results):
+    dq, dk, dy, products = results[:4]
+    dc, dzq = results[4:6] if cumulative else (None, None)
+    ends, *d_init = results[4 + 2 * cumulative:]
+    return dq, dk, dy, products, dc, dzq, ends, d_init
+  return part, finish
 
 
 def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activation: str,
-                      l2: bool, interpret):
+                      l2: bool, interpret, beside=()):
   """The row kernel's backward for a 2-layer mlp on this reverse walk, with the score terms
   in XLA around it (module docstring). qt, kt, d_out: [R, N, d, C] (features); coefs: the
   ChunkCoefs fields by name (features layout); states: every chunk's start state and aux what
   the forward re-run saved beside them, as chunk_rows_mgpu_mlp.mlp_rows_forward saves them for
-  this walk (save_aux: the states in the compute dtype). Returns (dq, dk, dv in the compute dtype, the coefficients' gradients by name,
-  the initial state's cotangent)."""
+  this walk (save_aux: the states in the compute dtype); beside: `mgpu_launch.KernelPart`s that
+  run in the walk's launch on SMs of their own. Returns (dq, dk, dv in the compute dtype, the
+  coefficients' gradients by name, the initial state's cotangent, each beside part's raw
+  results)."""
   rows, num_chunks, _, chunk = qt.shape
   cd = qt.dtype
   packed, read_x = pack_coefficients(coefs, rows, num_chunks, chunk)
@@ -483,9 +493,9 @@ def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activ
     p1 = (read_x * scores1).astype(cd)
     m2 = (read_x * d_p2).astype(cd)
     p2 = (read_x[:, :, None] * scores2).astype(cd)
-  dq, dk, dy, products, dc, dzq, ends, d_init = mlp_rows_reverse(
+  (dq, dk, dy, products, dc, dzq, ends, d_init), others = mlp_rows_reverse(
       qt, kt, d_out, e, packed, p1, m2, p2, [s.astype(cd) for s in states], list(d_final),
-      activation=activation, l2=l2, interpret=interpret)
+      activation=activation, l2=l2, interpret=interpret, beside=beside)
   dq, dk = dq.sum(axis=1), dk.sum(axis=1)
   d_read_x = None
   if cumulative:
@@ -498,4 +508,4 @@ def mlp_rows_backward(qt, kt, coefs: dict, states, aux, d_out, d_final, *, activ
   names = ("end_w0", "end_s0", "end_ss0")[:ends.shape[-1]]
   end_dots = {name: ends[:, :, i, None, None] for i, name in enumerate(names)}
   d_coefs = coefficient_grads(products.sum(axis=1), end_dots, d_read_x, coefs)
-  return dq.astype(cd), dk.astype(cd), -dy, d_coefs, d_init
+  return dq.astype(cd), dk.astype(cd), -dy, d_coefs, d_init, others
