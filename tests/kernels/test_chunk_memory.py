@@ -597,8 +597,9 @@ class KernelErrorsTest(parameterized.TestCase):
             full_groups=full, compiled_gpu=compiled_gpu, fusible=fusible)
 
     self.assertIsNone(KernelBlocks().overlap_reruns)
-    self.assertEqual(beside(12), 1)                    # 48 walk, 48 re-run of 124
-    self.assertEqual(beside(6), 4)                     # 24 walk, 96 re-run
+    # As many groups as fill the SMs alone (`rerun_groups`): beside the walk, in two waves.
+    self.assertEqual(beside(12), 2)                    # 48 walk, 96 re-run (76 SMs left)
+    self.assertEqual(beside(6), 5)                     # 24 walk, 120 re-run
     self.assertEqual(beside(6, full=3), 3)             # at most the whole groups
     self.assertEqual(beside(6, rerun_groups=2), 2)
     self.assertEqual(beside(16), 0)                    # 64 walk leave 60: no room for 64
@@ -610,6 +611,7 @@ class KernelErrorsTest(parameterized.TestCase):
     self.assertEqual(beside(12, overlap_reruns=False), 0)
     # On: anywhere (the re-run then runs after the walk where the launch cannot be shared).
     self.assertEqual(beside(192, compiled_gpu=False, fusible=False, overlap_reruns=True), 1)
+    self.assertEqual(beside(192, overlap_reruns=True), 1)
     self.assertEqual(beside(192, overlap_reruns=True, rerun_groups=3), 3)
     self.assertEqual(beside(12, shared=4, overlap_reruns=True), 0)
     with self.assertRaisesRegex(ValueError, "overlap_reruns=1 must be None"):

@@ -108,11 +108,12 @@ class KernelBlocks:
     rows (1 there).
   overlap_reruns: re-run the next groups in the same launch as the walk of the current ones, on
     SMs of their own (`mgpu_launch`; `_rows_backward_pipelined`), so the re-runs hide behind the
-    walk where its rows leave SMs idle. rerun_groups then counts the groups re-run beside each
-    walk (None: as many as fit beside it). The backward holds two steps' chunk states instead
-    of one. None (auto): on where the Mosaic GPU mlp forward and reverse walk run, compiled,
-    and the walk leaves room for at least one group's re-run (one sequence of 12 heads on an
-    H100: 48 programs walk, 48 re-run); off elsewhere. True elsewhere runs the same schedule
+    walk where its rows leave SMs idle. rerun_groups still counts the groups per step (None:
+    as many as fill the SMs alone; beside the walk they re-run in up to two waves, within the
+    walk of as many groups). The backward holds two steps' chunk states instead of one. None
+    (auto): on where the Mosaic GPU mlp forward and reverse walk run, compiled, and the walk
+    leaves room for at least one group's re-run (one sequence of 12 heads on an H100: 48
+    programs walk, 2 x 48 re-run on the other 76 SMs); off elsewhere. True elsewhere runs the same schedule
     with the re-run launched after the walk (where the kernels cannot share a launch), which
     only costs memory; False: re-run, then walk (`rerun_groups` together).
   hidden_slice: 0 carries the whole state as the chunk loop's value (in registers on GPU). h > 0
@@ -305,17 +306,18 @@ def overlapped_rerun_groups(blocks: KernelBlocks, *, rows: int, programs_per_row
   overlap_reruns), or 0 to re-run, then walk (`rerun_groups`). fusible: the walk and the
   re-run can share a launch (the Mosaic GPU mlp kernels). Auto: on where fusible, compiled on
   the GPU and the walk's rows x programs_per_row programs leave SMs for at least one group's
-  re-run; rerun_groups (None: as many as fit beside the walk) per launch. Never with value_
-  split's shared rows, nor with fewer than two groups (nothing to overlap)."""
+  re-run; `rerun_groups()` groups per launch. Never with value_split's shared rows, nor with
+  fewer than two groups (nothing to overlap)."""
   if shared > 1 or full_groups < 1 or blocks.overlap_reruns is False:
     return 0
   programs = rows * programs_per_row
   spare = _usable_cores(programs_per_row) - programs if compiled_gpu else 0
   if blocks.overlap_reruns is None and not (fusible and compiled_gpu and spare >= programs):
     return 0
-  if blocks.rerun_groups is not None:
-    return min(blocks.rerun_groups, full_groups)
-  return max(1, min(full_groups, spare // programs))
+  # As many groups as fill the SMs on their own (`rerun_groups`): beside the walk they re-run in
+  # up to two waves, still within the walk of as many groups (notes v20).
+  return rerun_groups(blocks, rows=rows, programs_per_row=programs_per_row, shared=shared,
+                      full_groups=full_groups, compiled_gpu=compiled_gpu)
 
 
 def _usable_cores(programs_per_row: int) -> int:
