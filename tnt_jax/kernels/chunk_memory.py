@@ -113,9 +113,9 @@ class KernelBlocks:
     walk of as many groups). The backward holds two steps' chunk states instead of one. None
     (auto): on where the Mosaic GPU mlp forward and reverse walk run, compiled, and the walk
     leaves room for at least one group's re-run (one sequence of 12 heads on an H100: 48
-    programs walk, 2 x 48 re-run on the other 76 SMs); off elsewhere. True elsewhere runs the same schedule
-    with the re-run launched after the walk (where the kernels cannot share a launch), which
-    only costs memory; False: re-run, then walk (`rerun_groups` together).
+    programs walk, 2 x 48 re-run on the other 76 SMs); off elsewhere. True elsewhere runs the
+    same schedule with the re-run launched after the walk (where the kernels cannot share a
+    launch), which only costs memory; False: re-run, then walk (`rerun_groups` together).
   hidden_slice: 0 carries the whole state as the chunk loop's value (in registers on GPU). h > 0
     (a 2-layer mlp only) keeps the state in memory and streams it h hidden units at a time
     (kernels/sliced_mlp.py): only a slice is live, so the state budget and the activation limit
@@ -1180,15 +1180,9 @@ def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_fina
   def groups(starts, d_carry, arrays):
     """Re-run starts' g groups in one launch, then walk them back: starts [R, g, ...] per state
     leaf, arrays [R, g * L, ...]."""
-    g = starts[0].shape[1]
-    stack = lambda x: x.reshape((x.shape[0] * g, x.shape[1] // g) + x.shape[2:])
-    unstack = lambda x: x.reshape((x.shape[0] // g, x.shape[1] * g) + x.shape[2:])
     qg, kg, vg, *cg, dg = arrays
-    _, _, states = _rows_forward(static, stack(qg), stack(kg), stack(vg), [stack(c) for c in cg],
-                                 [s.reshape((-1,) + s.shape[2:]) for s in starts], save_every=1,
-                                 outputs=False)
-    dq, dk, dv, d_coefs, d_carry = _rows_backward(static, qg, kg, vg, cg,
-                                                  [unstack(s) for s in states], dg, d_carry)
+    dq, dk, dv, d_coefs, d_carry = _rows_backward(
+        static, qg, kg, vg, cg, _rerun_groups(static, starts, arrays), dg, d_carry)
     return d_carry, [dq, dk, dv, *d_coefs]
 
   head = full * spacing                        # chunks in the whole groups before the last one
@@ -1222,6 +1216,26 @@ def _rows_backward_grouped(static: _Static, q, k, v, coefs, saved, d_out, d_fina
   return grads, d_carry
 
 
+def _rerun_groups(static: _Static, starts, arrays, as_part: bool = False):
+  """The forward re-run from g checkpoint groups' saved start states in one launch, the groups'
+  rows stacked ([R, g * L] -> [R * g, L], a reshape), saving every chunk-start state (and, for
+  the Mosaic GPU mlp walk, what it reads beside them). starts: [R, g, ...] per state leaf;
+  arrays: [q, k, v, *coefs, d_out], each [R, g * L, ...]. Returns the saved arrays, unstacked to
+  [R, g * L, ...]; as_part (the Mosaic GPU mlp forward): (its `mgpu_launch.KernelPart`, the
+  function of the part's results that returns them) for a launch beside the reverse walk."""
+  g = starts[0].shape[1]
+  stack = lambda x: x.reshape((x.shape[0] * g, x.shape[1] // g) + x.shape[2:])
+  unstack = lambda xs: [x.reshape((x.shape[0] // g, x.shape[1] * g) + x.shape[2:]) for x in xs]
+  qg, kg, vg, *cg, _ = arrays
+  operands = (stack(qg), stack(kg), stack(vg), [stack(c) for c in cg],
+              [s.reshape((-1,) + s.shape[2:]) for s in starts])
+  if as_part:
+    part, finish = _mosaic_rows_forward(static, *operands, save_every=1, outputs=False,
+                                        as_part=True)
+    return part, lambda results: unstack(finish(results)[2])
+  return unstack(_rows_forward(static, *operands, save_every=1, outputs=False)[2])
+
+
 def _rows_backward_pipelined(static: _Static, q, k, v, coefs, saved, d_out, d_final, spacing,
                              per_launch, fusible):
   """`_rows_backward_grouped` with the re-runs one step ahead of the walks: the same steps (the
@@ -1234,19 +1248,7 @@ def _rows_backward_pipelined(static: _Static, q, k, v, coefs, saved, d_out, d_fi
   full = -(-n // spacing) - 1
   head = full * spacing
   chunked = [q, k, v, *coefs, d_out]
-  stacked = lambda x, g: x.reshape((x.shape[0] * g, x.shape[1] // g) + x.shape[2:])
-  unstacked = lambda x, g: x.reshape((x.shape[0] // g, x.shape[1] * g) + x.shape[2:])
-
-  def rerun_operands(starts, arrays):
-    g = starts[0].shape[1]
-    qg, kg, vg, *cg, _ = arrays
-    return g, [stacked(x, g) for x in (qg, kg, vg)], [stacked(c, g) for c in cg], [
-        s.reshape((-1,) + s.shape[2:]) for s in starts]
-
-  def rerun(starts, arrays):
-    g, (qs, ks, vs), cs, state0 = rerun_operands(starts, arrays)
-    _, _, states = _rows_forward(static, qs, ks, vs, cs, state0, save_every=1, outputs=False)
-    return [unstacked(x, g) for x in states]
+  rerun = functools.partial(_rerun_groups, static)
 
   def walk(arrays, states, d_carry, next_step=None):
     """Walks a step back; re-runs next_step = (starts, arrays) beside it. Returns (d_carry,
@@ -1254,12 +1256,10 @@ def _rows_backward_pipelined(static: _Static, q, k, v, coefs, saved, d_out, d_fi
     qg, kg, vg, *cg, dg = arrays
     next_states = None
     if next_step is not None and fusible:
-      g, (qs, ks, vs), cs, state0 = rerun_operands(*next_step)
-      part, finish = _mosaic_rows_forward(static, qs, ks, vs, cs, state0, save_every=1,
-                                          outputs=False, as_part=True)
+      part, saved_by = rerun(*next_step, as_part=True)
       dq, dk, dv, d_coefs, d_carry, (results,) = _mosaic_rows_backward(
           static, qg, kg, vg, cg, states, dg, d_carry, beside=[part])
-      next_states = [unstacked(x, g) for x in finish(results)[2]]
+      next_states = saved_by(results)
     else:
       dq, dk, dv, d_coefs, d_carry = _rows_backward(static, qg, kg, vg, cg, states, dg, d_carry)
       if next_step is not None:
