@@ -11,6 +11,8 @@ group with the Mosaic GPU reverse walk where it fits, else the Pallas reverse ke
 against the kernel's own jnp reference, which rounds the same operands, at a tighter tolerance.
 """
 
+import dataclasses
+
 from absl.testing import absltest, parameterized
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,8 @@ class MosaicMlpRowsTest(KernelTestCase):
       ("gd_chunk_start_2_slices", "gd", "chunk_start", "l2", 16, 2.0, "gelu", 40),
       ("titans_chunk_start_1_slice_dot", "titans", "chunk_start", "dot", 16, 1.0, "silu", 40),
       ("gd_cumulative_chunk_32_2_slices", "gd", "cumulative", "dot", 32, 2.0, "tanh", 70),
+      # The walk's one slot of chunk inputs (the only op that needs it; the others fit two).
+      ("gd_cumulative_chunk_32_4_slices", "gd", "cumulative", "l2", 32, 4.0, "gelu", 70),
       ("titans_cumulative_chunk_8_padded", "titans", "cumulative", "l2", 8, 2.0, "silu", 21))
   def test_matches_reference(self, rule, read, loss, chunk, expansion, activation, length):
     calls = self._forward_spy()
@@ -232,18 +236,22 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
                     self._reason(_config(), interpret=False))
 
   def test_the_backward_rules_apply(self):
-    # The backward is the Pallas reverse kernel's, so its compiled limits refuse the op (XLA
-    # then runs it) even where the Mosaic GPU forward takes it: chunk 32 x hidden 256, on a
-    # simulated H100 (an abstract device, as tnt_jax/platform.py reads it).
+    # gd with hidden 256 at chunks of 32 on a simulated H100 (an abstract device, as
+    # tnt_jax/platform.py reads it): the Mosaic GPU reverse walk takes its backward, but where
+    # the walk is the Pallas reverse kernel's, that kernel's compiled limits refuse the op (XLA
+    # then runs it) even though the Mosaic GPU forward takes it.
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                          platform="gpu")
     config = _config("gd", chunk=32, expansion=4.0)
+    reason = lambda blocks: chunk_memory.unsupported_reason(
+        config, 64, jnp.bfloat16, driver="chunk_loop", interpret=False, blocks=blocks)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
                                                                   abstract_device=device)):
       self.assertIsNone(chunk_rows_mgpu_mlp.unsupported_reason(config, 64, jnp.bfloat16, 32,
                                                                compiled=True))
-      self.assertIn("max_chunk_activations", chunk_memory.unsupported_reason(
-          config, 64, jnp.bfloat16, driver="chunk_loop", interpret=False, blocks=MOSAIC))
+      self.assertIsNone(reason(MOSAIC))
+      self.assertIn("max_chunk_activations",
+                    reason(dataclasses.replace(MOSAIC, reverse_lowering="pallas")))
 
   def test_reverse_walk_rules(self):
     reason = lambda config, chunk=16: chunk_rows_mgpu_mlp_reverse.unsupported_reason(
@@ -251,12 +259,14 @@ class MosaicMlpRowsRulesTest(parameterized.TestCase):
     for expansion in (1.0, 2.0, 4.0):
       self.assertIsNone(reason(_config(expansion=expansion)))
     self.assertIsNone(reason(_config("gd", chunk=32, expansion=2.0), 32))
-    # Titans with hidden 256 fits at C = 16 with one slot of chunk inputs; two fit elsewhere.
-    self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 4), 1)
+    # Two slots of chunk inputs fit wherever the walk does: the exchange holds only the peers'
+    # parts of dE (Titans with hidden 256 at C = 16 fitted one slot when it held all four).
+    self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 4), 2)
     self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 16, True, 2), 2)
-    # gd with hidden 256 at C = 32: the forward fits, but not while saving for the reverse walk,
-    # and the walk does not either.
-    self.assertIn("reverse walk", reason(_config("gd", chunk=32, expansion=4.0), 32))
+    # gd with hidden 256 at C = 32: the forward saving for the walk and the walk (one slot) fit.
+    self.assertEqual(chunk_rows_mgpu_mlp_reverse.input_slots(64, 32, False, 4), 1)
+    self.assertIsNone(reason(_config("gd", chunk=32, expansion=4.0), 32))
+    self.assertIn("shared memory", reason(_config(chunk=32, expansion=4.0), 32))
     self.assertIn("depth=3", reason(_config(depth=3)))
     with self.assertRaisesRegex(ValueError, "save_aux needs save_every=1"):
       config = _config()

@@ -69,7 +69,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int,
   state = blocks * u * d * (4 + 2)
   inputs = 2 * (3 * d * chunk * 2 + SCORE_ROWS * d * 2 + COEF_ROWS * chunk * 4
                 + SCORE_ROWS * chunk * 4)
-  exchange = 2 * slices * d * chunk * 4       # Y's parts, two slots (one part for 1 slice)
+  exchange = 2 * max(slices - 1, 1) * d * chunk * 4   # the peers' parts of Y, two slots
   staging = (u * chunk * 2 * (3 + n_upd) + u * SCORE_ROWS * 2 + d * chunk * 2 * (1 + n_upd)
              + SCORE_ROWS * chunk * 2 * 2 + d * chunk * 4)
   staging += SCORE_ROWS * chunk * 4 if aux else 0
@@ -111,25 +111,33 @@ def slice_block(leaf_ref, leaf: int, hidden_slice):
 
 def cluster_sum(parts, buffer, barrier, program, exchange: bool):
   """The sum over a row's hidden slices of a float32 [d, C] value, the same in every program.
-  Exchanged (compiled): `parts` is this program's one part; it is stored into every cluster
-  peer's buffer[program] (`buffer`: [slices, d, C] in shared memory, one per exchange in
-  flight), completing on that peer's `barrier` (arrivals: slices), then the slices' parts are
-  added in slice order. Not exchanged (one program walks every slice): parts has one per slice,
-  added in the same order."""
+  Exchanged (compiled): `parts` is this program's one part; it is stored into every other
+  cluster peer's `buffer` ([slices - 1, d, C] in shared memory, one per exchange in flight;
+  peer p keeps program s's part at s - (s > p): no slot for its own), completing on that peer's
+  `barrier` (arrivals: slices - 1). Then the slices' parts are added in slice order, this
+  program's own from registers, so every program adds the same values in the same order. Not
+  exchanged (one program walks every slice): parts has one per slice, added in that order."""
   if not exchange:
     total = parts[0]
     for part in parts[1:]:
       total = total + part
     return total
   plgpu = _plgpu()
-  slices = buffer.shape[0]
-  for peer in range(slices):
-    plgpu.async_store_smem(parts[0], buffer.at[program], barrier, cluster_idx=peer,
+  slices = buffer.shape[0] + 1
+  own = parts[0]
+  slot_of = lambda sender, receiver: sender - (sender > receiver).astype(jnp.int32)
+  for offset in range(1, slices):
+    peer = lax.rem(program + offset, slices)
+    plgpu.async_store_smem(own, buffer.at[slot_of(program, peer)], barrier, cluster_idx=peer,
                            cluster_dim="slices")
   plgpu.barrier_wait(barrier)
-  total = buffer[0]
-  for part in range(1, slices):
-    total = total + buffer[part]
+  total = None
+  for s in range(slices):
+    # Slot s - (s > program), clipped: at s == program it reads a peer's part, unused.
+    other = buffer[jnp.minimum(slot_of(jnp.int32(s), program), slices - 2)]
+    is_own = lax.broadcast_in_dim(program == s, own.shape, ())   # no implicit broadcast here
+    term = lax.select(is_own, own, other)
+    total = term if total is None else total + term
   return total
 
 
@@ -396,10 +404,10 @@ def mlp_forward_part(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       operand((local, UNITS, chunk)),                                         # Aq
       operand((d, chunk)), operand((n_upd, d, chunk)),                        # E, (c E, s E)
       operand((SCORE_ROWS, chunk)), operand((SCORE_ROWS, chunk)),             # P1, P2
-      _smem((2, n_slices if exchange else 1, d, chunk), f32),                 # Y's parts
+      _smem((2, max(n_slices - 1, 1), d, chunk), f32),                        # peers' Y parts
       plgpu.SMEM((d, chunk), f32),                                            # out staging
       plgpu.Barrier(num_barriers=2 * n_loads + n_states * local),
-      plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
+      plgpu.Barrier(num_arrivals=max(n_slices - 1, 1), num_barriers=2)]
   if save_scores:
     scratch.append(plgpu.SMEM((local, SCORE_ROWS, chunk), f32))
   if interpret:   # transposed copies (`transposed`): keys^T, W2s^T, A^T, A (padded)^T

@@ -34,9 +34,10 @@ with the chunk-start blocks, are summed along each block's rows in the kernel.
 
 The interpreter has neither cluster stores nor transposed refs: interpreted, one program per row
 walks every slice (the same per-slice code, the parts summed in the same order) and transposes
-are written into spare buffers, as in the forward. Titans at C = 16 fills the shared memory with
-one slot of chunk inputs (the next chunk's are fetched after the last product that reads them);
-where two fit, the next chunk's inputs arrive while this one computes.
+are written into spare buffers, as in the forward. Two slots of chunk inputs fit wherever the walk
+does (the next chunk's arrive while this one computes), but for gd with hidden 256 at C = 32,
+which takes one (the next chunk's are fetched after the last product that reads this one's).
+The saved blocks of the next chunk are fetched at that point in either case.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int, input_slo
   state = blocks * u * d * 2 + blocks * u * d * (4 + 2)      # saved; carried (float32 + copy)
   staging = (6 + n_upd) * tile(u) + (n_upd + 1) * tile(d)
   outputs = 2 * d * chunk * 4 + 2 * n_upd * PRODUCT_ROWS * chunk * 4 + 3 * PRODUCT_ROWS * 4
-  exchange = 2 * slices * d * chunk * 4
+  exchange = 2 * max(slices - 1, 1) * d * chunk * 4           # the peers' parts of dE
   return input_slots * inputs + state + staging + outputs + exchange + 2048   # + barriers
 
 
@@ -449,9 +450,9 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       plgpu.SMEM((local, d, chunk), f32), plgpu.SMEM((local, d, chunk), f32),  # dQ, dK parts
       plgpu.SMEM((local, n_products, PRODUCT_ROWS, chunk), f32),
       plgpu.SMEM((local, n_ends, PRODUCT_ROWS), f32),                          # ends
-      _smem((2, n_slices if exchange else 1, d, chunk), f32),                 # dE's parts
+      _smem((2, max(n_slices - 1, 1), d, chunk), f32),                        # peers' dE parts
       plgpu.Barrier(num_barriers=slots * n_loads + 2 * n_states * local),
-      plgpu.Barrier(num_arrivals=n_slices if exchange else 1, num_barriers=2)]
+      plgpu.Barrier(num_arrivals=max(n_slices - 1, 1), num_barriers=2)]
   if interpret:
     scratch += [operand(shape) for shape in spare_shapes.values()]
   inputs = shared_inputs + ([p2] if cumulative else []) + list(saved) + list(d_final)
