@@ -127,7 +127,7 @@ def cluster_sum(parts, buffer, barrier, program, exchange: bool):
   own = parts[0]
   slot_of = lambda sender, receiver: sender - (sender > receiver).astype(jnp.int32)
   for offset in range(1, slices):
-    peer = lax.rem(program + offset, slices)
+    peer = lax.rem(program + offset, jnp.int32(slices))      # int32 under x64 too
     plgpu.async_store_smem(own, buffer.at[slot_of(program, peer)], barrier, cluster_idx=peer,
                            cluster_dim="slices")
   plgpu.barrier_wait(barrier)
