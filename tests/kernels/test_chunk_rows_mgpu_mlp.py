@@ -89,12 +89,14 @@ class MosaicMlpRowsTest(KernelTestCase):
                 KernelBlocks(row_lowering="mosaic_gpu", save_every=3,
                              rerun_groups=rerun_groups), 7 * 16 + 5)
 
-  @parameterized.parameters((2, 1, 8), (2, 2, 11), (3, 2, 8))
+  @parameterized.parameters((2, 1, 10), (2, 2, 11), (3, 2, 8))
   def test_reruns_beside_the_walk(self, save_every, per_launch, num_chunks):
     # overlap_reruns: each launch walks one step of groups back while re-running the next
-    # step's groups (stacked, per_launch a step) on rows of their own (mgpu_launch). 8 chunks in
-    # groups of 2: a scan of three steps; 11 in groups of 2 by 2: the last group, one left over,
-    # then a scan of two steps; 8 in groups of 3 by 2: the last group, then one step.
+    # step's groups (stacked, per_launch a step) on rows of their own (mgpu_launch). 10 chunks
+    # in groups of 2: the last group, then four steps, three of them in a scan (compiled, two a
+    # turn of its loop, PIPELINE_UNROLL, then one left over); 11 in groups of 2 by 2: the last
+    # group, one left over, then a scan of two steps; 8 in groups of 3 by 2: the last group,
+    # then one step.
     launches = []
     real = mgpu_launch.launch
 
