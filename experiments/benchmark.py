@@ -166,7 +166,16 @@ def op_inputs(config: MemoryConfig, batch, length, heads, head_dim, dtype):
 
 
 def timed_variant(fn, args, flop_count, peak, row):
-  return time_compiled(jax.jit(fn).lower(*args).compile(), args, flop_count, peak, row)
+  return time_compiled(compile_timed(fn, args, row), args, flop_count, peak, row)
+
+
+def compile_timed(fn, args, row):
+  """jit(fn) lowered and compiled for args; the seconds that took go into row["compile_s"]
+  (the fused kernels' compile is a cost users pay once per shape)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  row["compile_s"] = time.perf_counter() - start
+  return compiled
 
 
 def time_compiled(compiled, args, flop_count, peak, row):
@@ -350,7 +359,7 @@ def run_kernel_mode(peak):
             args = op_inputs(config, b, length, h, head_dim, dtype)
             fn = _op_case(config, None, backward, implementation, blocks)
             count = flops.memory_op_flops(config, b, length, h, head_dim, backward)
-          compiled = jax.jit(fn).lower(*args).compile()
+          compiled = compile_timed(fn, args, row)
           row = time_compiled(compiled, args, count, peak, row)
           if FLAGS.kernel_profile_top:
             row["top_kernels"] = top_kernels(compiled, args, FLAGS.kernel_profile_top)
@@ -380,7 +389,7 @@ def format_kernel_row(r) -> str:
   note += f"  [{r['kernel']} kernel]" if r.get("kernel") else ""
   line = (f"{name} {r['tokens_per_s'] / 1e3:10.1f}K tok/s {r['seconds'] * 1e3:9.2f} ms "
           f"{r['tflops']:7.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  mem {r['memory_gb']:6.2f} GB"
-          f"{note}")
+          f"  compile {r['compile_s']:5.1f} s{note}")
   if "top_kernels" in r:
     line += (f"\n    kernels sum to {r['top_kernels']['total_ms']:.3f} ms; the most:"
              if r["top_kernels"]["kernels"] else "\n    the profile holds no device kernels")
@@ -490,7 +499,7 @@ def format_row(r) -> str:
     return f"{name} {r['passes']:8s} FAILED {r['error']}"
   return (f"{name} {r['passes']:8s} {r['tokens_per_s'] / 1e3:10.1f}K tok/s "
           f"{r['seconds'] * 1e3:9.2f} ms {r['tflops']:8.2f} TFLOP/s  MFU {100 * r['mfu']:5.1f}% "
-          f" mem {r['memory_gb']:6.2f} GB")
+          f" mem {r['memory_gb']:6.2f} GB  compile {r['compile_s']:5.1f} s")
 
 
 def plot(path: str, prefix: str):
