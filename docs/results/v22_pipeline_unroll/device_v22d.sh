@@ -1,0 +1,3 @@
+# v22d: end to end, the small Titans LM on one 32K sequence per step (as v20d).
+TR="python3 -m experiments.train --config configs/tnt_lm.py:size=small,data=../.whl/war_and_peace.txt,mixer=titans,chunk=16 --config.steps=30 --config.log_every=10 --config.eval_every=1000 --config.checkpoint_every=1000 --config.model.remat=True --config.data.seq_len=32768 --config.data.batch_size=1"
+timeout 280 $TR --workdir /tmp/t_default --config.model.mixer_options.titans.implementation=pallas --config.model.mixer_options.titans.kernel_blocks=default 2>&1 | grep -E "^(model|step|data)|Error" | tee $OUT/v22d_train_default.log
