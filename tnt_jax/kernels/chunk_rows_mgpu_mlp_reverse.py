@@ -37,8 +37,7 @@ walks every slice (the same per-slice code, the parts summed in the same order) 
 are written into spare buffers, as in the forward. Two slots of chunk inputs fit wherever the walk
 does (the next chunk's arrive while this one computes), but for gd with hidden 256 at C = 32,
 which takes one (the next chunk's are fetched after the last product that reads this one's).
-The next chunk's saved blocks are fetched as soon as this one's are dead: S1 and S2 after the
-exchange (phase B reads only W1 and W2), W1 and W2 after phase B.
+The saved blocks of the next chunk are fetched at that point in either case.
 """
 
 from __future__ import annotations
@@ -188,8 +187,8 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
           plgpu.copy_gmem_to_smem(p2_g.at[r, n, c * local + l], p2_s.at[slot, l],
                                   barrier.at[slot * n_loads + n_shared + l])
 
-    def fetch_state(n, leaves=range(n_states)):
-      for i in leaves:
+    def fetch_state(n):
+      for i in range(n_states):
         for l in range(local):
           plgpu.copy_gmem_to_smem(slice_block(saved_g[i].at[r, n], i, c * local + l),
                                   st.at[i, l], barrier.at[state_barrier + i * local + l])
@@ -349,11 +348,6 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       de = cluster_sum(parts, xsum_s.at[xslot], xbar.at[xslot], c, exchange)
       dy_s[...] = ((2.0 * de) if l2 else de).astype(cd)      # dY (l2); dV = -dy either way
       plgpu.commit_smem()
-      if momentum:
-        # Phase B reads only W1 and W2: the next chunk's S1, S2 blocks load during it.
-        @pl.when(i + 1 < num_chunks)
-        def _():
-          fetch_state(n - 1, (s1, s2))
 
       # Phase B, per slice: dA, dZ, dK and the new carried cotangent's terms.
       finals = []
@@ -390,7 +384,7 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       def _():
         if slots == 1:
           fetch(n - 1, 0)
-        fetch_state(n - 1, (w1, w2))
+        fetch_state(n - 1)
 
       p_w, q_s, r_s = scalars
       for l in range(local):
