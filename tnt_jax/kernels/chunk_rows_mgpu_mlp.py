@@ -69,7 +69,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int,
   state = blocks * u * d * (4 + 2)
   inputs = 2 * (3 * d * chunk * 2 + SCORE_ROWS * d * 2 + COEF_ROWS * chunk * 4
                 + SCORE_ROWS * chunk * 4)
-  exchange = 2 * max(slices - 1, 1) * d * chunk * 4   # the peers' parts of Y, two slots
+  exchange = exchange_bytes(slices, d, chunk)          # the peers' parts of Y
   staging = (u * chunk * 2 * (3 + n_upd) + u * SCORE_ROWS * 2 + d * chunk * 2 * (1 + n_upd)
              + SCORE_ROWS * chunk * 2 * 2 + d * chunk * 4)
   staging += SCORE_ROWS * chunk * 4 if aux else 0
@@ -107,6 +107,24 @@ def slice_block(leaf_ref, leaf: int, hidden_slice):
   S1: its rows) or [.., d, h] (W2, S2: its columns), for a TMA copy to or from shared memory."""
   units = pl.ds(hidden_slice * UNITS, UNITS)
   return leaf_ref.at[units, :] if leaf % 2 == 0 else leaf_ref.at[:, units]
+
+
+def _exchange_peers(slices: int) -> int:
+  """The parts a program of `slices` receives per exchange (1, unused, for one slice)."""
+  return max(slices - 1, 1)
+
+
+def exchange_bytes(slices: int, head_dim: int, chunk: int) -> int:
+  """Shared memory of `exchange_types`' buffer."""
+  return 2 * _exchange_peers(slices) * head_dim * chunk * 4
+
+
+def exchange_types(slices: int, head_dim: int, chunk: int) -> tuple:
+  """cluster_sum's scratch: the buffer of the peers' float32 [d, C] parts for two exchanges in
+  flight ([2, slices - 1, d, C]) and their two barriers (arrivals: one per peer)."""
+  peers = _exchange_peers(slices)
+  return (_smem((2, peers, head_dim, chunk), jnp.float32),
+          _plgpu().Barrier(num_arrivals=peers, num_barriers=2))
 
 
 def cluster_sum(parts, buffer, barrier, program, exchange: bool):
@@ -394,6 +412,7 @@ def mlp_forward_part(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
   swizzle = plgpu.find_swizzle(chunk * jnp.dtype(cd).itemsize * 8)
   operand = lambda shape: _smem(shape, cd, swizzle)
   n_upd = 2 if momentum else 1
+  y_parts, y_barrier = exchange_types(n_slices, d, chunk)
   scratch = [
       _smem((n_states, local, UNITS, d), f32), operand((n_states, local, UNITS, d)),
       operand((2, d, chunk)), operand((2, d, chunk)), operand((2, d, chunk)),
@@ -404,10 +423,9 @@ def mlp_forward_part(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
       operand((local, UNITS, chunk)),                                         # Aq
       operand((d, chunk)), operand((n_upd, d, chunk)),                        # E, (c E, s E)
       operand((SCORE_ROWS, chunk)), operand((SCORE_ROWS, chunk)),             # P1, P2
-      _smem((2, max(n_slices - 1, 1), d, chunk), f32),                        # peers' Y parts
+      y_parts,                                                                # peers' Y parts
       plgpu.SMEM((d, chunk), f32),                                            # out staging
-      plgpu.Barrier(num_barriers=2 * n_loads + n_states * local),
-      plgpu.Barrier(num_arrivals=max(n_slices - 1, 1), num_barriers=2)]
+      plgpu.Barrier(num_barriers=2 * n_loads + n_states * local), y_barrier]
   if save_scores:
     scratch.append(plgpu.SMEM((local, SCORE_ROWS, chunk), f32))
   if interpret:   # transposed copies (`transposed`): keys^T, W2s^T, A^T, A (padded)^T

@@ -51,7 +51,8 @@ from tnt_jax.kernels import mgpu_launch
 from tnt_jax.kernels.chunk_rows_mgpu import (COEF_ROWS, ROW_END_S0, ROW_END_SS0,
                                              ROW_END_SX, ROW_END_W0, ROW_END_X, ROW_READ_S0,
                                              ROW_READ_W0, mms, pack_coefficients)
-from tnt_jax.kernels.chunk_rows_mgpu_mlp import UNITS, cluster_sum, slice_block
+from tnt_jax.kernels.chunk_rows_mgpu_mlp import (UNITS, cluster_sum, exchange_bytes,
+                                                 exchange_types, slice_block)
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import smem_bytes as forward_smem_bytes
 from tnt_jax.kernels.chunk_rows_mgpu_mlp import unsupported_reason as forward_reason
 from tnt_jax.kernels.chunk_rows_mgpu_reverse import coefficient_grads, product_fields
@@ -69,7 +70,7 @@ def smem_bytes(head_dim: int, chunk: int, momentum: bool, slices: int, input_slo
   state = blocks * u * d * 2 + blocks * u * d * (4 + 2)      # saved; carried (float32 + copy)
   staging = (6 + n_upd) * tile(u) + (n_upd + 1) * tile(d)
   outputs = 2 * d * chunk * 4 + 2 * n_upd * PRODUCT_ROWS * chunk * 4 + 3 * PRODUCT_ROWS * 4
-  exchange = 2 * max(slices - 1, 1) * d * chunk * 4           # the peers' parts of dE
+  exchange = exchange_bytes(slices, d, chunk)                 # the peers' parts of dE
   return input_slots * inputs + state + staging + outputs + exchange + 2048   # + barriers
 
 
@@ -438,6 +439,7 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
   if cumulative:
     slot_types += [operand((slots, chunk, chunk))] * 2 + [
         operand((slots, local, chunk, chunk))]                                # P1, M2; P2
+  de_parts, de_barrier = exchange_types(n_slices, d, chunk)
   scratch = slot_types + [
       operand((n_states, local, u, d)),                                       # saved blocks
       _smem((n_states, local, u, d), f32), operand((n_states, local, u, d)),  # carried
@@ -450,9 +452,8 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       plgpu.SMEM((local, d, chunk), f32), plgpu.SMEM((local, d, chunk), f32),  # dQ, dK parts
       plgpu.SMEM((local, n_products, PRODUCT_ROWS, chunk), f32),
       plgpu.SMEM((local, n_ends, PRODUCT_ROWS), f32),                          # ends
-      _smem((2, max(n_slices - 1, 1), d, chunk), f32),                        # peers' dE parts
-      plgpu.Barrier(num_barriers=slots * n_loads + 2 * n_states * local),
-      plgpu.Barrier(num_arrivals=max(n_slices - 1, 1), num_barriers=2)]
+      de_parts,                                                               # peers' dE parts
+      plgpu.Barrier(num_barriers=slots * n_loads + 2 * n_states * local), de_barrier]
   if interpret:
     scratch += [operand(shape) for shape in spare_shapes.values()]
   inputs = shared_inputs + ([p2] if cumulative else []) + list(saved) + list(d_final)
