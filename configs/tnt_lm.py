@@ -16,6 +16,8 @@ Argument string (comma-separated key=value; all optional):
            "+", e.g. mlp+expansion=2 (tnt_jax/memory/models.py, MemoryModel.from_spec)
   data     stdlib (default: the Python standard library's source, no download) | a text file
            path or glob (byte level) | tokens:<dir> (shards from experiments/prepare_tokens.py)
+  implementation  every memory mixer's op: xla (the default) | affine (linear memories) |
+           pallas (the fused kernel; docs/kernel.md) | reference | pallas_interpret (tests)
 
 Examples:
     # TNT stage 1 then stage 2 ({8} -> {1}) on the embedded corpus
@@ -46,7 +48,8 @@ SIZES = {
 }
 
 
-ARGS = ("size", "mixer", "chunk", "local_chunks", "stage", "data", "stage2_chunks", "memory")
+ARGS = ("size", "mixer", "chunk", "local_chunks", "stage", "data", "stage2_chunks", "memory",
+        "implementation")
 MODEL_FIELDS = {"tnt": ("global_model", "local_model"), "titans": ("model",)}
 
 
@@ -84,6 +87,20 @@ def _mixer_options(kinds, size, chunk, local_chunks):
     options[kind]["implementation"] = "xla"
     options[kind]["kernel_blocks"] = "default"
   return options
+
+
+def _set_implementation(options, implementation: str) -> None:
+  """Every memory mixer's op implementation, checked here (before any compile)."""
+  from tnt_jax.ops.api import IMPLEMENTATIONS
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is unknown; expected one of "
+                     f"{IMPLEMENTATIONS}")
+  kinds = [kind for kind, o in options.items() if "implementation" in o]
+  if not kinds:
+    raise ValueError(f"implementation={implementation!r} sets the memory mixers' op; the "
+                     f"mixers here are {sorted(options) or 'attention only'}")
+  for kind in kinds:
+    options[kind]["implementation"] = implementation
 
 
 def _set_memory_model(options, spec: str) -> None:
@@ -149,6 +166,8 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.model.mixer_options = _mixer_options(layer_kinds, size, chunk, local_chunks)
   if "memory" in args:
     _set_memory_model(c.model.mixer_options, args["memory"])
+  if "implementation" in args:
+    _set_implementation(c.model.mixer_options, args["implementation"])
   c.model.window = min(512, size["seq_len"])
   c.model.tie_embeddings = True
   c.model.dtype = size["dtype"]

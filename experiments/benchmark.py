@@ -74,6 +74,8 @@ flags.DEFINE_list("context_lengths", ["32768", "65536", "131072"],
                   "context mode: sequence lengths T (tokens per sequence, over all its GPUs)")
 flags.DEFINE_list("context_devices", ["1", "2", "4", "8"],
                   "context mode: context axis sizes N (those above the device count are skipped)")
+flags.DEFINE_list("context_implementations", ["xla"],
+                  "context mode: the memory mixers' op implementations to compare (xla, pallas)")
 flags.DEFINE_list("global_handoffs", ["chain"],
                   "context mode: the global memory's hand-offs to compare (gather, chain)")
 flags.DEFINE_list("longest_lengths", [],
@@ -639,7 +641,10 @@ def run_decode_mode(peak):
 
 def plot_context(rows, prefix, plt):
   """Left: tokens/s against GPUs per sequence, one line per T, ideal scaling dashed. Right:
-  tokens/s against T at 1 GPU and at the most GPUs. Repeated measurements are averaged."""
+  tokens/s against T at 1 GPU and at the most GPUs. Repeated measurements are averaged; rows
+  of one implementation (the first row's) only."""
+  implementation = rows[0].get("implementation", "xla")
+  rows = [r for r in rows if r.get("implementation", "xla") == implementation]
   points = {}
   for r in rows:
     points.setdefault((r["length"], r["devices"], r["handoff"]), []).append(r["tokens_per_s"])
@@ -695,29 +700,32 @@ def plot_decode(rows, prefix, plt):
   print("wrote", out)
 
 
-def context_model_config(config_arg: str, handoff: str):
+def context_model_config(config_arg: str, handoff: str, implementation: str = "xla"):
   """The LM of configs/tnt_lm.py:<config_arg> (byte vocabulary), its global memories handing
-  their state across devices by `handoff`."""
+  their state across devices by `handoff`, its memory mixers' ops on `implementation`."""
   from configs.tnt_lm import get_config
   from tnt_jax.train.trainer import lm_config
-  config = lm_config(get_config(config_arg), vocab_size=256)
+  config = lm_config(get_config(f"{config_arg},implementation={implementation}"),
+                     vocab_size=256)
   options = {kind: dict(o, global_handoff=handoff) if "global_handoff" in o else dict(o)
              for kind, o in config.mixer_options.items()}   # the memory mixers have the key
   return dataclasses.replace(config, mixer_options=options)
 
 
 def context_points():
-  """(total length T, context devices N, hand-off, is a --longest_lengths point): every T x N
-  that fits the devices here (1-GPU points first, so efficiencies can be computed as rows
-  come), then the --longest_lengths on the most devices."""
+  """(total length T, context devices N, hand-off, is a --longest_lengths point,
+  implementation): every T x N x implementation that fits the devices here (1-GPU points
+  first, so efficiencies can be computed as rows come), then the --longest_lengths on the most
+  devices."""
   available = jax.device_count()
   devices = sorted({int(n) for n in FLAGS.context_devices if int(n) <= available})
-  for n in devices:
-    for length in map(int, FLAGS.context_lengths):
-      for handoff in (FLAGS.global_handoffs if n > 1 else ["gather"]):
-        yield length, n, handoff, False
-  for length in map(int, FLAGS.longest_lengths):
-    yield length, devices[-1], FLAGS.global_handoffs[0], True
+  for implementation in FLAGS.context_implementations:
+    for n in devices:
+      for length in map(int, FLAGS.context_lengths):
+        for handoff in (FLAGS.global_handoffs if n > 1 else ["gather"]):
+          yield length, n, handoff, False, implementation
+    for length in map(int, FLAGS.longest_lengths):
+      yield length, devices[-1], FLAGS.global_handoffs[0], True, implementation
 
 
 def run_context_mode(peak):
@@ -735,14 +743,14 @@ def run_context_mode(peak):
   from tnt_jax.train.step import ModelFunctions, token_losses
   from tnt_jax.train.trainer import check_model_context_split
   points = list(context_points())
-  if max(n for _, n, _, _ in points) > 1 and use_gspmd_on_gpu():
+  if max(point[1] for point in points) > 1 and use_gspmd_on_gpu():
     print("using the GSPMD partitioner (see tnt_jax/parallel/context.py use_gspmd_on_gpu)")
   variants = []
-  for length, n, handoff, longest in points:
-    config = context_model_config(FLAGS.context_config, handoff)
+  for length, n, handoff, longest, implementation in points:
     row = dict(mode="context", config=FLAGS.context_config, devices=n, length=length,
                tokens_per_device=length // n, handoff=handoff, batch=1, longest=longest,
-               device=jax.devices()[0].device_kind)
+               implementation=implementation, device=jax.devices()[0].device_kind)
+    config = context_model_config(FLAGS.context_config, handoff, implementation)
     try:
       check_model_context_split(length, n, config)
       model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
@@ -811,14 +819,15 @@ def run_context_mode(peak):
       longest_failed = longest_failed or row["longest"]
       yield row
       continue
-    n, length = row["devices"], row["length"]
+    n, length, implementation = row["devices"], row["length"], row["implementation"]
     if n == 1:
-      single[length] = row["tokens_per_s"]
+      single[implementation, length] = row["tokens_per_s"]
     else:
-      if length in single:
-        row["strong_efficiency"] = row["tokens_per_s"] / (n * single[length])
-      if length // n in single:
-        row["weak_efficiency"] = row["tokens_per_s"] / (n * single[length // n])
+      if (implementation, length) in single:
+        row["strong_efficiency"] = row["tokens_per_s"] / (n * single[implementation, length])
+      if (implementation, length // n) in single:
+        row["weak_efficiency"] = row["tokens_per_s"] / (
+            n * single[implementation, length // n])
     yield row
 
 
@@ -832,7 +841,8 @@ def device_peak_bytes(index: int) -> int | None:
 
 
 def format_context_row(r) -> str:
-  head = f"context {r['devices']} GPU T={r['length']:>7} {r['handoff']:>6}"
+  head = (f"context {r.get('implementation', 'xla'):>6} {r['devices']} GPU T={r['length']:>7} "
+          f"{r['handoff']:>6}")
   if "error" in r:
     return f"{head}: FAILED {r['error']}"
   extra = "".join(f"  {name} {100 * r[key]:.0f}%" for name, key in (

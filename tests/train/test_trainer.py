@@ -203,6 +203,16 @@ class BadInputTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "sets the model of TNT and Titans memories"):
       get_config("mixer=attention,memory=linear")
 
+  def test_implementation_argument_sets_every_memory_mixer(self):
+    options = get_config("mixer=tnt+titans+swa,implementation=pallas").model.mixer_options
+    self.assertEqual({o["implementation"] for o in options.values()}, {"pallas"})
+    self.assertEqual(sorted(options), ["titans", "tnt"])
+    self.assertEqual(get_config("").model.mixer_options.tnt.implementation, "xla")
+    with self.assertRaisesRegex(ValueError, "implementation='triton' is unknown"):
+      get_config("implementation=triton")
+    with self.assertRaisesRegex(ValueError, "sets the memory mixers' op"):
+      get_config("mixer=attention,implementation=pallas")
+
 
 if __name__ == "__main__":
   absltest.main()
