@@ -91,15 +91,19 @@ def linear_kernel_reason(kernel: str, smem_fn, config, head_dim: int, dtype, chu
   return hopper_reason(kernel) if compiled else None
 
 
-def mms(products):
+def mms(products, during=None):
   """[sum(a @ b for a, b in pairs) for (pairs, shape) in products]: every wgmma issued back to
-  back, each sum into its own zeroed float32 accumulator, then one wait."""
+  back, each sum into its own zeroed float32 accumulator, then one wait. during(): work that
+  runs while the wgmmas do (it must neither read their results nor write their operands), so
+  it leaves the chunk's chain of dependent steps."""
   plgpu = _plgpu()
 
   def run(*accs):
     for acc, (pairs, _) in zip(accs, products):
       for a, b in pairs:
         plgpu.wgmma(acc, a, b)
+    if during is not None:
+      during()
     plgpu.wgmma_wait(0)
     return [acc[...] for acc in accs]
 

@@ -345,40 +345,16 @@ def mlp_forward_part(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
           zq = zw
         aq_s[l] = act(zq)[0].astype(cd)
         plgpu.commit_smem()
-        # Round 5: layer 2 of the read; its scores against the keys' hidden activations. The
-        # backward's re-run (outputs=False) writes no output: only the scores its walk reads.
-        if not outputs:
-          # Earlier copies from shared memory (this chunk's saved state's too) are done.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          if save_scores:
-            sc_s[l] = mms([([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk))])[0]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, n, c * local + l])
-        else:
-          products = [([(stcd.at[w2, l], aq_s.at[l])], (d, chunk))]
-          if cumulative:
-            products.append(([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk)))
-            if momentum:
-              products.append(([(stcd.at[s2, l], aq_s.at[l])], (d, chunk)))
-          read = mms(products)
-          out = read[0]
-          if cumulative:
-            p2_s[...] = (rx_s[slot] * read[1]).astype(cd)
-            plgpu.commit_smem()
-            out = row_of(slot, ROW_READ_W0, d) * out + mms([([(e_s, p2_s.at[:chunk])],
-                                                            (d, chunk))])[0]
-            if momentum:
-              out = out + row_of(slot, ROW_READ_S0, d) * read[2]
-          # Its wait for earlier copies from shared memory covers this chunk's saved state too.
-          _store(out, o_s, out_g.at[r, c * local + l, n])
-          if save_scores:                  # after _store's wait: the last chunk's copy is done
-            sc_s[l] = read[1]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, n, c * local + l])
-        # The slice's state update (its compute-dtype copy is read by no later product).
-        p_w0, q_s0 = scalar_of(slot, ROW_END_W0), scalar_of(slot, ROW_END_S0)
-        for leaf, new_upd, new_s_upd in ((w1, upd[0], upd[2] if momentum else None),
-                                         (w2, upd[1], upd[3] if momentum else None)):
+
+        def update(leaf, l=l, upd=upd):
+          """The slice's state update of one layer (W, S), in float32 and its compute-dtype
+          copy. Layer 1's blocks are read by no later product of the chunk, so it runs beside
+          round 5's wgmmas; layer 2's after them. The chunk-start state's save (a copy out of
+          these buffers) is waited for first."""
+          if n_saved and leaf == w1:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          p_w0, q_s0 = scalar_of(slot, ROW_END_W0), scalar_of(slot, ROW_END_S0)
+          new_upd, new_s_upd = (upd[leaf], upd[leaf + 2] if momentum else None)
           old_w = st32[leaf, l]
           new_w = p_w0 * old_w + new_upd
           if momentum:
@@ -389,6 +365,43 @@ def mlp_forward_part(qt, kt, vt, packed, read_x, state, *, activation: str, l2: 
             stcd[leaf + 2, l] = new_s.astype(cd)
           st32[leaf, l] = new_w
           stcd[leaf, l] = new_w.astype(cd)
+
+        # Round 5: layer 2 of the read; its scores against the keys' hidden activations. The
+        # backward's re-run (outputs=False) writes no output: only the scores its walk reads.
+        if not outputs:
+          # Earlier copies from shared memory (this chunk's saved state's too) are done.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          if save_scores:
+            sc_s[l] = mms([([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk))],
+                          during=lambda: update(w1))[0]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, n, c * local + l])
+          else:
+            update(w1)
+          update(w2)
+        else:
+          products = [([(stcd.at[w2, l], aq_s.at[l])], (d, chunk))]
+          if cumulative:
+            products.append(([(transposed(ap_s.at[l], 3), aq_s.at[l])], (SCORE_ROWS, chunk)))
+            if momentum:
+              products.append(([(stcd.at[s2, l], aq_s.at[l])], (d, chunk)))
+          read = mms(products, during=lambda: update(w1))
+          out = read[0]
+          if cumulative:
+            p2_s[...] = (rx_s[slot] * read[1]).astype(cd)
+            plgpu.commit_smem()
+            out = row_of(slot, ROW_READ_W0, d) * out + mms(
+                [([(e_s, p2_s.at[:chunk])], (d, chunk))], during=lambda: update(w2))[0]
+            if momentum:
+              out = out + row_of(slot, ROW_READ_S0, d) * read[2]
+          else:
+            update(w2)
+          # Its wait for earlier copies from shared memory covers this chunk's saved state too.
+          _store(out, o_s, out_g.at[r, c * local + l, n])
+          if save_scores:                  # after _store's wait: the last chunk's copy is done
+            sc_s[l] = read[1]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(sc_s.at[l, :chunk], aux_g[1].at[r, n, c * local + l])
         plgpu.commit_smem()
 
     for i in range(n_states):

@@ -250,15 +250,6 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
             g_s[0] = (row_of(ROW_READ_W0, d) * do32).astype(cd)
             if momentum:
               g_s[1] = (row_of(ROW_READ_S0, d) * do32).astype(cd)
-        # The chunk-end scalars' gradients: inner products of the cotangent carried into this
-        # chunk's end with the chunk-start blocks (p: <dW', W>, q: <dW', S>, r: <dS', S>, both
-        # layers), summed along each block's rows here and over rows and slices in XLA.
-        inner = lambda pairs: jnp.sum(sum(dst32[i, l] * st[j, l][...].astype(f32)
-                                          for i, j in pairs), axis=1)
-        ends_s[l, 0] = inner(((w1, w1), (w2, w2)))
-        if momentum:
-          ends_s[l, 1] = inner(((w1, s1), (w2, s2)))
-          ends_s[l, 2] = inner(((s1, s1), (s2, s2)))
         a_s[l] = a.astype(cd)
         dc_s[l] = delta.astype(cd)
         plgpu.commit_smem()
@@ -275,7 +266,19 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
           products["da_s"] = ([(transposed(dstc.at[s2, l], "ds2t"), e_c)], (u, chunk))
         if cumulative:
           products["dp1"] = ([(dc_s.at[l], p1_c)], (u, chunk))
-        got.update(zip(products, mms(list(products.values()))))
+
+        def ends(l=l):
+          """The chunk-end scalars' gradients: inner products of the cotangent carried into
+          this chunk's end with the chunk-start blocks (p: <dW', W>, q: <dW', S>, r: <dS', S>,
+          both layers), summed along each block's rows here and over rows and slices in XLA.
+          They read only blocks no wgmma of this round writes, so they run beside them."""
+          inner = lambda pairs: jnp.sum(sum(dst32[i, l] * st[j, l][...].astype(f32)
+                                            for i, j in pairs), axis=1)
+          ends_s[l, 0] = inner(((w1, w1), (w2, w2)))
+          if momentum:
+            ends_s[l, 1] = inner(((w1, s1), (w2, s2)))
+            ends_s[l, 2] = inner(((s1, s1), (s2, s2)))
+        got.update(zip(products, mms(list(products.values()), during=ends)))
         got["dk_upd"] = row_of(ROW_END_X, d) * got["dk_w"]
         got["da_upd"] = row_of(ROW_END_X, u) * got["da_w"]
         if momentum:
@@ -376,7 +379,14 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
         if momentum and cumulative:
           products += [([(g1_s.at[l, 1], transposed(qt_c, "qtt"))], (u, d)),
                        ([(g_s.at[1], aq_t)], (d, u))]
-        finals.append(mms(products))
+
+        def stage(k=k, l=l):
+          """This slice's dQ and coefficient products into their staging buffers (their last
+          copies out were waited for in phase A), beside the wgmmas."""
+          dq_s[l] = k["dq"]
+          for j, product in enumerate(k["products"]):
+            prod_s[l, j] = product
+        finals.append(mms(products, during=stage))
 
       # Every read of this chunk's inputs and saved blocks is done: fetch the next chunk's.
       scalars = [coef[index, 0] for index in (ROW_END_W0, ROW_END_S0, ROW_END_SS0)]
@@ -390,10 +400,7 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       p_w, q_s, r_s = scalars
       for l in range(local):
         dk, tw1, tw2, *ts = finals[l]
-        dq_s[l] = kept[l]["dq"]
         dk_s[l] = dk + kept[l]["got"]["dk_upd"]
-        for j, product in enumerate(kept[l]["products"]):
-          prod_s[l, j] = product
         for leaf, term in ((w1, tw1), (w2, tw2)):
           old = dst32[leaf, l]
           if momentum:
