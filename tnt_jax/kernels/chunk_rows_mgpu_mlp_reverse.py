@@ -354,31 +354,28 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
       plgpu.commit_smem()
 
       # Phase B, per slice: dA, dZ, dK and the new carried cotangent's terms.
+      p_w, q_s, r_s = (coef[index, 0] for index in (ROW_END_W0, ROW_END_S0, ROW_END_SS0))
+
+      def carry(leaf, l, term, s_term):
+        """The carried cotangent of one layer's blocks into the chunk's start: dW0 = p dW1 +
+        term, dS0 = q dW1 + r dS1 + s_term (float32 and the compute-dtype copy)."""
+        old = dst32[leaf, l]
+        if momentum:
+          new_s = q_s * old + r_s * dst32[leaf + 2, l]
+          if s_term is not None:
+            new_s = new_s + s_term
+          dst32[leaf + 2, l] = new_s
+          dstc[leaf + 2, l] = new_s.astype(cd)
+        new = p_w * old + term
+        dst32[leaf, l] = new
+        dstc[leaf, l] = new.astype(cd)
+
       finals = []
       for l in range(local):
         k = kept[l]
         got = k["got"]
         W1, W2 = st.at[w1, l], st.at[w2, l]
         g1_op = g1_s.at[l, 0] if cumulative else dzq_s.at[l]
-        d_a = got["da_upd"]
-        if cumulative:
-          d_a = d_a + got["da_read"]
-        if l2:
-          d_a = d_a + mms([([(transposed(W2, "w2t"), dy_s)], (u, chunk))])[0]
-        dz = k["dz"] + d_a * k["da"]
-        dz_s[l] = dz.astype(cd)
-        plgpu.commit_smem()
-        aq_t = transposed(aq_s.at[l], "aqt")
-        tw1 = [(g1_op, transposed(qt_c, "qtt")),
-               (dz_s.at[l], transposed(kt_c, "ktt"))]
-        tw2 = [(g_op, aq_t), (e_c, transposed(dbk_s.at[l], "dbkt"))]
-        if l2:
-          tw2.append((dy_s, transposed(a_s.at[l], "at")))
-        products = [([(transposed(W1, "w1t"), dz_s.at[l])], (d, chunk)), (tw1, (u, d)),
-                    (tw2, (d, u))]
-        if momentum and cumulative:
-          products += [([(g1_s.at[l, 1], transposed(qt_c, "qtt"))], (u, d)),
-                       ([(g_s.at[1], aq_t)], (d, u))]
 
         def stage(k=k, l=l):
           """This slice's dQ and coefficient products into their staging buffers (their last
@@ -386,32 +383,43 @@ def mlp_reverse_part(qt, kt, d_out, e, packed, p1, m2, p2, saved, d_final, *, ac
           dq_s[l] = k["dq"]
           for j, product in enumerate(k["products"]):
             prod_s[l, j] = product
-        finals.append(mms(products, during=stage))
+        d_a = got["da_upd"]
+        if cumulative:
+          d_a = d_a + got["da_read"]
+        if l2:
+          d_a = d_a + mms([([(transposed(W2, "w2t"), dy_s)], (u, chunk))], during=stage)[0]
+        dz = k["dz"] + d_a * k["da"]
+        dz_s[l] = dz.astype(cd)
+        plgpu.commit_smem()
+        aq_t = transposed(aq_s.at[l], "aqt")
+        both = momentum and cumulative
+        # Layer 1's terms first; layer 2's wgmmas then run beside layer 1's carried update
+        # (they read none of the carried blocks).
+        layer1 = [([(transposed(W1, "w1t"), dz_s.at[l])], (d, chunk)),
+                  ([(g1_op, transposed(qt_c, "qtt")),
+                    (dz_s.at[l], transposed(kt_c, "ktt"))], (u, d))]
+        if both:
+          layer1.append(([(g1_s.at[l, 1], transposed(qt_c, "qtt"))], (u, d)))
+        dk, tw1, *ts1 = mms(layer1, during=None if l2 else stage)
+        tw2 = [(g_op, aq_t), (e_c, transposed(dbk_s.at[l], "dbkt"))]
+        if l2:
+          tw2.append((dy_s, transposed(a_s.at[l], "at")))
+        layer2 = [(tw2, (d, u))] + ([([(g_s.at[1], aq_t)], (d, u))] if both else [])
+        tw2, *ts2 = mms(layer2, during=lambda l=l, tw1=tw1, ts1=ts1: carry(
+            w1, l, tw1, ts1[0] if ts1 else None))
+        finals.append((dk, tw2, ts2[0] if ts2 else None))
 
       # Every read of this chunk's inputs and saved blocks is done: fetch the next chunk's.
-      scalars = [coef[index, 0] for index in (ROW_END_W0, ROW_END_S0, ROW_END_SS0)]
-
       @pl.when(i + 1 < num_chunks)
       def _():
         if slots == 1:
           fetch(n - 1, 0)
         fetch_state(n - 1)
 
-      p_w, q_s, r_s = scalars
       for l in range(local):
-        dk, tw1, tw2, *ts = finals[l]
+        dk, tw2, ts2 = finals[l]
         dk_s[l] = dk + kept[l]["got"]["dk_upd"]
-        for leaf, term in ((w1, tw1), (w2, tw2)):
-          old = dst32[leaf, l]
-          if momentum:
-            new_s = q_s * old + r_s * dst32[leaf + 2, l]
-            if ts:
-              new_s = new_s + ts[leaf]
-            dst32[leaf + 2, l] = new_s
-            dstc[leaf + 2, l] = new_s.astype(cd)
-          new = p_w * old + term
-          dst32[leaf, l] = new
-          dstc[leaf, l] = new.astype(cd)
+        carry(w2, l, tw2, ts2)
       plgpu.commit_smem()
       for l in range(local):
         s = c * local + l
