@@ -703,8 +703,11 @@ def plot_decode(rows, prefix, plt):
 def context_model_config(config_arg: str, handoff: str, implementation: str = "xla"):
   """The LM of configs/tnt_lm.py:<config_arg> (byte vocabulary), its global memories handing
   their state across devices by `handoff`, its memory mixers' ops on `implementation`."""
-  from configs.tnt_lm import get_config
+  from configs.tnt_lm import get_config, parse_args
   from tnt_jax.train.trainer import lm_config
+  if "implementation" in parse_args(config_arg):
+    raise ValueError(f"--context_config={config_arg!r} sets implementation; the context mode "
+                     "takes it from --context_implementations")
   config = lm_config(get_config(f"{config_arg},implementation={implementation}"),
                      vocab_size=256)
   options = {kind: dict(o, global_handoff=handoff) if "global_handoff" in o else dict(o)
