@@ -140,6 +140,9 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
   c.stage = stage
   c.init_from = ""              # stage 2: a stage-1 workdir's checkpoints/ (or one step dir)
   c.train_only_local = False    # stage 2 sets True; --config.train_only_local=False unfreezes
+  c.deterministic = False       # bitwise-reproducible GPU runs (tnt_jax/train/determinism.py)
+  c.profile_steps = 0           # > 0: trace this many steps from profile_start (workdir/profile)
+  c.profile_start = 10
 
   c.data = config_dict.ConfigDict()
   source = args.get("data", "stdlib")

@@ -13,6 +13,8 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
+from tnt_jax.train import determinism
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tnt_lm.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "experiment config file[:args]",
@@ -26,6 +28,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.config.get("deterministic", False):
+    determinism.set_xla_flags()   # before anything starts the backend
   if FLAGS.distributed:
     jax.distributed.initialize()
   from tnt_jax.train.trainer import train_and_evaluate   # after distributed init

@@ -172,3 +172,52 @@ def profile_step_split(fn, args, steps: int = 1, max_devices: int | None = None)
   """Run fn(*args) `steps` times under the profiler (after one untraced run) and split the
   device time (see the module doc)."""
   return split_profile(_profile(fn, args, steps), steps, max_devices)
+
+
+# What a GPU kernel is, from its name (first match wins). XLA's own kernels are named after HLO
+# instructions (fusions, copies); library and Pallas kernels after themselves.
+KERNEL_KINDS = (
+    ("communication (NCCL)", COMM_MARKERS),
+    ("fused memory kernels (Pallas)", ("mosaic_gpu", "chunk_memory_", "chunk_start_tiles")),
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmuls (cuBLAS, XLA's GEMM fusions)", ("gemm", "cutlass", "xmma", "cublas")),
+    ("copies", ("memcpy", "memset")),
+)
+OTHER_KIND = "XLA's other kernels (elementwise, reductions, transposes)"
+
+
+def kernel_kind(kernel_name: str) -> str:
+  name = kernel_name.lower()
+  for kind, markers in KERNEL_KINDS:
+    if any(marker in name for marker in markers):
+      return kind
+  return OTHER_KIND
+
+
+def step_summary(profile, steps: int, hlo_text: str = "", top: int = 12,
+                 wall_ms: float | None = None) -> str:
+  """A readable account of where a profiled step's device time goes: busy time (against the
+  host's wall time per step, when given), the kernels' time by kind, and the `top` kernels with
+  their launches per step and, for XLA's, the HLO they come from (`hlo_origins`)."""
+  kernels = kernel_milliseconds(profile, steps)
+  if not kernels:
+    return ("no device kernels in the trace (CPU traces carry none; profile on a GPU to see "
+            "the kernels)")
+  split = split_profile(profile, steps, max_devices=1)
+  total = sum(ms for _, ms in kernels.values())
+  lines = [f"device busy {split.busy_ms:.2f} ms per step"
+           + (f" of {wall_ms:.2f} ms wall ({split.busy_ms / wall_ms:.0%})" if wall_ms else "")
+           + f"; kernels sum to {total:.2f} ms"]
+  by_kind: dict[str, float] = {}
+  for name, (_, ms) in kernels.items():
+    by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+  for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    lines.append(f"  {ms:9.2f} ms  {ms / total:6.1%}  {kind}")
+  ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+  origins = hlo_origins(hlo_text, [name for name, _ in ranked]) if hlo_text else {}
+  lines.append(f"the {len(ranked)} longest kernels (ms per step, launches per step):")
+  for name, (count, ms) in ranked:
+    lines.append(f"  {ms:9.3f} ms  x{count:<5d} {name}")
+    if name in origins:
+      lines.append(f"                    {origins[name][:200]}")
+  return "\n".join(lines)

@@ -86,6 +86,25 @@ class TrainerTest(absltest.TestCase):
     self.assertEqual({s: resumed[s] for s in range(3, 7)}, {s: full[s] for s in range(3, 7)})
     self.assertEqual(second["eval_loss"], self.full["eval_loss"])
 
+  def test_profiled_steps_write_a_trace_and_a_summary_and_train_the_same(self):
+    workdir = os.path.join(self.root, "profiled")
+    result = train_and_evaluate(tiny_config(profile_steps=2, profile_start=2), workdir)
+    profile_dir = os.path.join(workdir, "profile")
+    with open(os.path.join(profile_dir, "summary.txt")) as f:
+      summary = f.read()
+    self.assertTrue(summary.startswith("steps 2..3: "), summary)
+    if jax.default_backend() == "cpu":   # CPU traces carry no per-kernel device events
+      self.assertIn("no device kernels", summary)
+    traces = [os.path.join(d, f) for d, _, files in os.walk(profile_dir) for f in files
+              if f.endswith(".xplane.pb")]
+    self.assertLen(traces, 1)
+    self.assertEqual(train_losses(workdir), train_losses(self.full_dir))
+    self.assertEqual(result["eval_loss"], self.full["eval_loss"])
+    resumed = train_and_evaluate(tiny_config(profile_steps=2, profile_start=2, steps=7), workdir)
+    self.assertEqual(resumed["start_step"], 6)          # past the window: not profiled again
+    self.assertLen([f for _, _, files in os.walk(profile_dir) for f in files
+                    if f.endswith(".xplane.pb")], 1)
+
   def test_context_parallel_training_follows_the_single_device_run(self):
     """mesh data=2 x context=2 (each sequence over two devices, one TNT shard each): the same
     losses as the data-parallel run up to float32 reduction order."""
@@ -158,6 +177,22 @@ class BadInputTest(absltest.TestCase):
     config = tiny_config("mixer=swa", **{"mesh.context": 4, "model.window": 12})
     with self.assertRaisesRegex(ValueError, r"SWA window 12 needs 11 tokens"):
       train_and_evaluate(config, tempfile.mkdtemp())
+
+  def test_profile_window_outside_the_run_or_over_an_evaluation(self):
+    for overrides, message in [
+        (dict(profile_steps=-1), r"profile_steps=-1 must be >= 0"),
+        (dict(profile_steps=3, profile_start=5), r"profiled steps 5..7 .* within the run's "
+                                                 r"steps 1..6"),
+        (dict(profile_steps=2, profile_start=0), r"profiled steps 0..1"),
+        (dict(profile_steps=3, profile_start=3), r"evaluation after step 4 \(eval_every=4\)")]:
+      with self.subTest(**overrides), self.assertRaisesRegex(ValueError, message):
+        train_and_evaluate(tiny_config(**overrides), tempfile.mkdtemp())
+
+  def test_deterministic_run_needs_its_xla_flags_before_the_backend_starts(self):
+    jax.devices()     # the backend has started in this process; XLA_FLAGS lacks the flags here
+    with self.assertRaisesRegex(ValueError, r"--xla_gpu_deterministic_ops=true .* "
+                                            r"experiments/train.py"):
+      train_and_evaluate(tiny_config(deterministic=True), tempfile.mkdtemp())
 
   def test_mesh_axes_must_use_every_device(self):
     with self.assertRaisesRegex(ValueError, r"data=3 x fsdp=1 must use all 4 devices"):

@@ -32,6 +32,7 @@ from tnt_jax.models.flops import lm_train_flops
 from tnt_jax.parallel import mesh as mesh_lib
 from tnt_jax.parallel.context import check_context_split, use_gspmd_on_gpu
 from tnt_jax.train import checkpoint as ckpt_lib
+from tnt_jax.train import determinism, step_profile
 from tnt_jax.train.metrics import MetricWriter, format_progress, plot_loss_curves
 from tnt_jax.train.optimizer import is_local_memory_param, make_optimizer
 from tnt_jax.train.preemption import install_sigterm_handler
@@ -80,6 +81,8 @@ def _check_config(config) -> None:
   for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     if getattr(config, name) < 1:
       raise ValueError(f"{name}={getattr(config, name)} must be >= 1")
+  step_profile.check_window(config)
+  determinism.check(config.get("deterministic", False))
 
 
 def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
@@ -296,13 +299,19 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   preempt = install_sigterm_handler()
   summary: dict[str, Any] = {"workdir": workdir, "start_step": start, "preempted": False}
   losses, interval_start, pending, metrics = [], time.perf_counter(), None, None
+  profiler = step_profile.StepProfiler.from_config(config, workdir, start + 1, log)
   step = start
   if start >= config.steps:
     log(f"the run in {workdir} is complete (step {start} of {config.steps}); evaluating only")
   try:
     for step in range(start + 1, config.steps + 1):
+      if profiler:   # the throughput line leaves the profiler's own time out
+        interval_start += profiler.before(step, state)
       batch = _device_batch(next(train_iter), batch_sharding)
       state, metrics = train_step(state, batch)
+      if profiler:
+        interval_start += profiler.after(
+            step, state, lambda: train_step.lower(state, batch).compile().as_text())
       if pending is not None:                  # read step t-1 while step t runs
         losses.append(_check_loss(*pending))
       pending = (step, metrics)
