@@ -173,6 +173,7 @@ def get_config(arg: str = "") -> config_dict.ConfigDict:
     _set_implementation(c.model.mixer_options, args["implementation"])
   c.model.window = min(512, size["seq_len"])
   c.model.tie_embeddings = True
+  c.model.embedding_lookup = "auto"   # take | one_hot | auto (one_hot at small vocabularies)
   c.model.dtype = size["dtype"]
   c.model.remat = size_name == "paper150m"
   c.model.scan_layers = True    # one compiled block group instead of every block

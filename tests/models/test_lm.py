@@ -39,6 +39,47 @@ class ScanLayersTest(parameterized.TestCase):
     assert_trees_rel_close(self, grad_scan, grad_unrolled, 1e-6, "grad")
 
 
+class EmbeddingLookupTest(parameterized.TestCase):
+
+  def _loss_and_grads(self, lookup, dtype):
+    config = LMConfig(vocab_size=37, d_model=16, num_layers=1, num_heads=2, pattern=("swa",),
+                      window=8, dtype=dtype, embedding_lookup=lookup)
+    model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 37, (2, 24)), jnp.int32)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+             "loss_mask": jnp.ones((2, 24))}
+    loss = lambda params: token_losses(model, params, batch)[0]
+    return jax.jit(jax.value_and_grad(loss))(model.initial_params())
+
+  @parameterized.parameters(("float64", 1e-12), ("float32", 1e-6), ("bfloat16", 2e-2))
+  def test_one_hot_lookup_equals_take(self, dtype, tol):
+    """The same model, loss and gradients (the embedding table's included) either way; the
+    forward is exact, the gradient sums in another order (bf16: the scatter-add rounds each
+    add, the matmul once)."""
+    if dtype == "float64":
+      jax.config.update("jax_enable_x64", True)
+      self.addCleanup(jax.config.update, "jax_enable_x64", False)
+    (loss_take, grad_take), (loss_hot, grad_hot) = (self._loss_and_grads(lookup, dtype)
+                                                    for lookup in ("take", "one_hot"))
+    if dtype != "bfloat16":
+      self.assertEqual(float(loss_take), float(loss_hot))
+    assert_trees_rel_close(self, loss_hot, loss_take, tol, "loss")
+    assert_trees_rel_close(self, grad_hot, grad_take, tol, "grad")
+    table = grad_take["embed"]["embedding"]
+    self.assertGreater(float(jnp.abs(table).max()), 0)
+
+  def test_auto_rule_and_bad_value(self):
+    make = lambda **kw: LMConfig(**{**dict(d_model=96, num_layers=1, num_heads=2,
+                                           pattern=("swa",)), **kw})
+    self.assertEqual(make(vocab_size=256).mlp_hidden, 256)
+    self.assertTrue(make(vocab_size=256).one_hot_embedding)          # bytes: <= mlp_hidden
+    self.assertFalse(make(vocab_size=257).one_hot_embedding)
+    self.assertFalse(make(vocab_size=256, embedding_lookup="take").one_hot_embedding)
+    self.assertTrue(make(vocab_size=50_000, embedding_lookup="one_hot").one_hot_embedding)
+    with self.assertRaisesRegex(ValueError, r"embedding_lookup='gather' must be one of "):
+      make(vocab_size=256, embedding_lookup="gather")
+
+
 class FlopsTest(absltest.TestCase):
 
   def test_hand_counts_plain_and_ttt_e2e(self):

@@ -28,6 +28,7 @@ from tnt_jax.models.ttt_e2e import TTTE2EConfig
 ATTENTION_MIXERS = ("attention", "swa")
 MIXERS = tuple(PRESETS) + ATTENTION_MIXERS
 DTYPES = ("float32", "bfloat16", "float64")
+EMBEDDING_LOOKUPS = ("auto", "take", "one_hot")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,12 @@ class LMConfig:
   window: int = 512                      # "swa" mixers
   rope_base: float = 10000.0
   tie_embeddings: bool = True
+  # How tokens are embedded: "take" (a gather; its gradient is a scatter-add), "one_hot" (a
+  # one-hot matmul; its gradient is a matmul) or "auto": one_hot where vocab_size <= mlp_hidden,
+  # so the product costs no more than one of a block's MLP matmuls. At a byte vocabulary the
+  # scatter-add's atomics all hit 256 rows: on an H100 it took 58 ms of the small TNT LM's
+  # 353 ms step (docs/train_h100.md); the matmul is exact in the forward and deterministic.
+  embedding_lookup: str = "auto"
   dtype: str = "bfloat16"                # compute dtype; parameters are float32
   remat: bool = False                    # rematerialise each block in the backward pass
   # Run the blocks as a lax.scan over groups of one pattern period (the parameters stay one
@@ -76,6 +83,9 @@ class LMConfig:
       raise ValueError(f"model dtype={self.dtype!r} must be one of {DTYPES}")
     if self.mlp_hidden is None:
       object.__setattr__(self, "mlp_hidden", -(-(8 * self.d_model // 3) // 32) * 32)
+    if self.embedding_lookup not in EMBEDDING_LOOKUPS:
+      raise ValueError(f"model embedding_lookup={self.embedding_lookup!r} must be one of "
+                       f"{EMBEDDING_LOOKUPS}")
     for i in range(min(self.num_layers, len(self.pattern))):
       self.mixer_config(i)   # validate every distinct mixer now, before anything is built
     if self.ttt_e2e is not None:
@@ -91,6 +101,12 @@ class LMConfig:
       raise ValueError("remat=True rematerialises the blocks of the parallel forward; a ttt_e2e "
                        "model checkpoints each mini-batch step instead (ttt_e2e.remat): set "
                        "remat=False")
+
+  @property
+  def one_hot_embedding(self) -> bool:
+    if self.embedding_lookup == "auto":
+      return self.vocab_size <= self.mlp_hidden
+    return self.embedding_lookup == "one_hot"
 
   def mixer_kind(self, layer: int) -> str:
     return self.pattern[layer % len(self.pattern)]

@@ -69,14 +69,33 @@ class Block(nnx.Module):
     return self._mlps(x, mutable), cache
 
 
+class TokenEmbedding(nnx.Embed):
+  """nnx.Embed whose lookup may be a one-hot matmul (LMConfig.embedding_lookup): the same
+  vectors (one product term each), but the table's gradient is a matmul instead of a scatter-add
+  whose atomics crowd a small vocabulary's rows."""
+
+  def __init__(self, *args, one_hot: bool, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.one_hot = one_hot
+
+  def __call__(self, tokens: Array) -> Array:
+    if not self.one_hot:
+      return super().__call__(tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    table = self.embedding[...].astype(self.dtype)
+    return jax.nn.one_hot(tokens, self.num_embeddings, dtype=self.dtype) @ table
+
+
 class LanguageModel(nnx.Module):
   """tokens [B, T] int -> logits [B, T, V] float32 (float64 for a float64 model)."""
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.dtype = jnp.dtype(config.dtype)
-    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=self.dtype,
-                           embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+    self.embed = TokenEmbedding(config.vocab_size, config.d_model, dtype=self.dtype,
+                                embedding_init=nnx.initializers.normal(1.0), rngs=rngs,
+                                one_hot=config.one_hot_embedding)
     self.blocks = nnx.List([Block(config, i, rngs=rngs, dtype=self.dtype)
                             for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config.d_model)

@@ -72,7 +72,8 @@ def lm_config(config, vocab_size: int) -> LMConfig:
                   pattern=tuple(m.pattern.split(",")), mixer_options=options, window=m.window,
                   tie_embeddings=m.tie_embeddings, dtype=m.dtype, remat=m.remat,
                   # checkpoints written before scan_layers existed lack the key
-                  scan_layers=m.get("scan_layers", True), ttt_e2e=ttt_e2e)
+                  scan_layers=m.get("scan_layers", True), ttt_e2e=ttt_e2e,
+                  embedding_lookup=m.get("embedding_lookup", "auto"))
 
 
 def _check_config(config) -> None:
