@@ -306,9 +306,9 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
     log(f"the run in {workdir} is complete (step {start} of {config.steps}); evaluating only")
   try:
     for step in range(start + 1, config.steps + 1):
+      batch = _device_batch(next(train_iter), batch_sharding)
       if profiler:   # the throughput line leaves the profiler's own time out
         interval_start += profiler.before(step, state)
-      batch = _device_batch(next(train_iter), batch_sharding)
       state, metrics = train_step(state, batch)
       if profiler:
         interval_start += profiler.after(
