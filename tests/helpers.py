@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +98,12 @@ def assert_batches_equal(testcase, got, want):
     testcase.assertEqual(set(g), set(w))
     for key in w:
       np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+
+
+# A Pallas kernel in a jaxpr: pallas_call (Triton, TPU and interpreted kernels) or the mpmd_map /
+# core_map that Mosaic GPU's plgpu.kernel traces to.
+_KERNEL_PRIMITIVE = re.compile(r"\b(pallas_call|mpmd_map|core_map)\[")
+
+
+def count_kernel_calls(jaxpr) -> int:
+  return len(_KERNEL_PRIMITIVE.findall(str(jaxpr)))
