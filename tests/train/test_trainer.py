@@ -16,7 +16,7 @@ from configs.tnt_lm import get_config
 from tnt_jax.parallel import mesh as mesh_lib
 from tnt_jax.train import checkpoint as ckpt_lib
 from tnt_jax.train.optimizer import is_local_memory_param
-from tnt_jax.train.trainer import train_and_evaluate
+from tnt_jax.train.trainer import lm_config, runs_kernels, train_and_evaluate
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tnt_lm.py")
 pytestmark = pytest.mark.xdist_group("train")   # one worker runs these: the class shares runs
@@ -247,6 +247,11 @@ class BadInputTest(absltest.TestCase):
       get_config("implementation=triton")
     with self.assertRaisesRegex(ValueError, "sets the memory mixers' op"):
       get_config("mixer=attention,implementation=pallas")
+    # Several GPUs then compile on GSPMD (Shardy segfaults on the kernels under shard_map).
+    kernels = lambda arg: runs_kernels(lm_config(get_config(arg), 256))
+    self.assertTrue(kernels("mixer=swa+mag:tnt,implementation=pallas"))
+    self.assertFalse(kernels("mixer=swa+mag:tnt"))
+    self.assertFalse(kernels("mixer=attention"))
 
 
 if __name__ == "__main__":

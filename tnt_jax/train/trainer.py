@@ -98,6 +98,13 @@ def _check_stage_two_source(init_from: str, model_config: LMConfig) -> None:
                      f"{model_config.pattern} has no TNT memory")
 
 
+def runs_kernels(model_config: LMConfig) -> bool:
+  """Some memory mixer runs on the fused Pallas kernels (implementation="pallas")."""
+  return any(getattr(part, "implementation", "xla") == "pallas"
+             for layer in range(model_config.num_layers)
+             for part in model_config.mixer_parts(layer))
+
+
 def has_tnt_memory(model_config: LMConfig) -> bool:
   """Some block's mixer holds a TNT memory (a `tnt` block, or a hybrid such as mag:tnt)."""
   return any(isinstance(part, TNTLayerConfig) for layer in range(model_config.num_layers)
@@ -233,9 +240,11 @@ def train_and_evaluate(config, workdir: str, *, preempt_at_step: int | None = No
   _check_config(config)
   workdir = os.path.abspath(workdir)
   data_cfg, vocab, model_config, mesh = checked_setup(config)
-  if mesh.shape["context"] > 1 and use_gspmd_on_gpu():
-    log("context parallelism on GPU: using the GSPMD partitioner (XLA's Shardy path crashes "
-        "compiling this backward with jax 0.11; docs/context_parallel.md)")
+  if ((mesh.shape["context"] > 1 or (mesh.size > 1 and runs_kernels(model_config)))
+      and use_gspmd_on_gpu()):
+    log("several GPUs with context parallelism or the fused kernels: using the GSPMD "
+        "partitioner (XLA's Shardy path segfaults compiling these with jax 0.11; "
+        "docs/context_parallel.md)")
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
                                        save_every=config.checkpoint_every)
