@@ -210,7 +210,8 @@ def step_summary(profile, steps: int, hlo_text: str = "", top: int = 12,
            + f"; kernels sum to {total:.2f} ms"]
   by_kind: dict[str, float] = {}
   for name, (_, ms) in kernels.items():
-    by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    kind = kernel_kind(name)
+    by_kind[kind] = by_kind.get(kind, 0.0) + ms
   for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
     lines.append(f"  {ms:9.2f} ms  {ms / total:6.1%}  {kind}")
   ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]

@@ -47,10 +47,9 @@ def check(deterministic: bool, environ=os.environ) -> None:
   if not deterministic:
     return
   missing = missing_flags(environ)
-  if missing and not xla_bridge.backends_are_initialized():
-    set_xla_flags(environ)
-  elif missing:
+  if missing and xla_bridge.backends_are_initialized():
     raise ValueError(_too_late(missing))
+  set_xla_flags(environ)     # not started yet: still in time
 
 
 def _too_late(missing: list[str]) -> str:
