@@ -34,3 +34,16 @@ def target_core_count() -> int | None:
   if device is not None:
     return device.num_cores
   return getattr(jax.devices()[0], "core_count", None)
+
+
+def target_memory_bytes() -> int | None:
+  """The target device's memory limit for JAX's arrays (`bytes_limit`), read from this host's
+  first device when the target is that kind of device (a mesh of this host's devices sets an
+  abstract device too); None where JAX does not say (CPU) or the target is another device (a
+  TPU lowered on a CPU host)."""
+  device = _abstract_device()
+  local = jax.devices()[0]
+  if device is not None and device.device_kind != local.device_kind:
+    return None
+  stats = local.memory_stats() or {}
+  return stats.get("bytes_limit")

@@ -6,6 +6,7 @@ TPU: Mosaic) and is skipped elsewhere; its subclasses interpret the same kernel 
 the compiled kernel's (chunk 16, head dims 64 and 128, lengths not a multiple of the chunk).
 """
 
+from unittest import mock
 import zlib
 
 from absl.testing import absltest, parameterized
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.helpers import assert_trees_rel_close, outputs_and_vjp, random_inputs, rel_err
+from tnt_jax import platform
 from tnt_jax.kernels import chunk_memory
 from tnt_jax.kernels.chunk_memory import KernelBlocks, kernel_memory, kernel_memory_reference
 from tnt_jax.memory import MemoryConfig, MemoryModel, UpdateRule
@@ -219,6 +221,13 @@ class ChunkMemoryKernelTest(KernelTestCase):
     dtype = self.DTYPES[0]
     self._check(config, 64, dtype, _seed("save_every", save_every),
                 blocks=KernelBlocks(save_every=save_every), length=7 * CHUNK + 5)
+
+  def test_every_state_saved_where_the_budget_holds_them(self):
+    # save_every None with a budget past every chunk's state: spacing 1 (the forward saves each
+    # chunk-start state and, on Mosaic GPU, its compute-dtype copy; the backward re-runs none).
+    config = _config("mlp", "titans_cumulative")
+    self._check(config, 64, self.DTYPES[0], _seed("budget", 1),
+                blocks=KernelBlocks(max_saved_bytes=1 << 40), length=7 * CHUNK + 5)
 
   @parameterized.parameters((2, 2, False), (2, 3, False), (3, 2, False), (2, 9, False),
                             (2, 1, True), (2, 3, True))
@@ -493,6 +502,57 @@ class KernelUnderAMeshTest(parameterized.TestCase):
     self.assertNotIn("pallas_call", jaxpr)
     want = memory_op(*args, {}, config, implementation="xla")
     assert_trees_rel_close(self, got, want, 1e-6, "fallback")
+
+
+class CheckpointSpacingTest(parameterized.TestCase):
+  """KernelBlocks.checkpoint_spacing: every chunk's state where the budget holds them (with
+  their compute-dtype copies), else round(sqrt(N)); save_every overrides both."""
+
+  def test_every_chunk_within_the_budget_else_sqrt(self):
+    fits = KernelBlocks(max_saved_bytes=64 * (100 + 50))
+    self.assertEqual(fits.checkpoint_spacing(64, 100, 50), 1)
+    self.assertEqual(fits.checkpoint_spacing(64, 101, 50), 8)
+    self.assertEqual(fits.checkpoint_spacing(65, 100, 50), 8)
+    self.assertEqual(KernelBlocks(save_every=3, max_saved_bytes=1 << 40).checkpoint_spacing(
+        64, 100, 50), 3)
+
+  def test_default_budget_is_a_share_of_the_device_memory(self):
+    gib = 1 << 30
+    for limit, sharers, want in ((64 * gib, 1, 16 * gib), (64 * gib, 4, 4 * gib),
+                                 (None, 1, None)):
+      with mock.patch.object(chunk_memory, "target_memory_bytes", return_value=limit), \
+          chunk_memory.saved_states_shared_by(sharers):
+        self.assertEqual(chunk_memory.saved_states_budget(), want)
+    with mock.patch.object(chunk_memory, "target_memory_bytes", return_value=16 * gib):
+      # budget 4 GiB: 64 chunks of 32 MiB states + 16 MiB copies (3 GiB) fit; not 2 GiB
+      state, copy = 32 << 20, 16 << 20
+      self.assertEqual(KernelBlocks().checkpoint_spacing(64, state, copy), 1)
+      with chunk_memory.saved_states_shared_by(2):
+        self.assertEqual(KernelBlocks().checkpoint_spacing(64, state, copy), 8)
+    with mock.patch.object(chunk_memory, "target_memory_bytes", return_value=None):
+      self.assertEqual(KernelBlocks().checkpoint_spacing(64, 1, 1), 8)   # no limit: sqrt(N)
+
+  def test_device_memory_read_under_a_mesh_of_this_hosts_devices(self):
+    # A mesh of this host's devices sets an abstract device (the trainer's case): the limit is
+    # still read from the local device; a target of another kind (TPU lowered here) has none.
+    fake = mock.Mock(device_kind="NVIDIA H100 80GB HBM3")
+    fake.memory_stats.return_value = {"bytes_limit": 60 << 30}
+    here = jax.sharding.AbstractDevice(fake.device_kind, 132, "gpu")
+    there = jax.sharding.AbstractDevice("TPU v5 lite", 1, "tpu")
+    axes = dict(axis_sizes=(1,), axis_names=("data",))
+    with mock.patch.object(platform.jax, "devices", return_value=[fake]):
+      self.assertEqual(platform.target_memory_bytes(), 60 << 30)
+      with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(**axes,
+                                                                    abstract_device=here)):
+        self.assertEqual(platform.target_memory_bytes(), 60 << 30)
+      with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(**axes,
+                                                                    abstract_device=there)):
+        self.assertIsNone(platform.target_memory_bytes())
+
+  def test_sharers_must_be_positive(self):
+    with self.assertRaisesRegex(ValueError, "calls=0 must be an integer >= 1"):
+      with chunk_memory.saved_states_shared_by(0):
+        pass
 
 
 class KernelErrorsTest(parameterized.TestCase):

@@ -2,6 +2,8 @@
 unrolled loop does — loss and every parameter gradient, with and without block remat, with a
 pattern of period 2 and a remainder block outside the scan."""
 
+from unittest import mock
+
 from absl.testing import absltest, parameterized
 import dataclasses
 import jax
@@ -10,7 +12,10 @@ import numpy as np
 from flax import nnx
 
 from tests.helpers import assert_trees_rel_close
+from tnt_jax.kernels import chunk_memory
 from tnt_jax.models import LanguageModel, LMConfig
+from tnt_jax.ops import tnt as tnt_module
+from tnt_jax.ops.api import memory_op
 from tnt_jax.train.step import ModelFunctions, token_losses
 
 
@@ -37,6 +42,33 @@ class ScanLayersTest(parameterized.TestCase):
     (loss_scan, grad_scan), (loss_unrolled, grad_unrolled) = results
     assert_trees_rel_close(self, loss_scan, loss_unrolled, 1e-6, "loss")
     assert_trees_rel_close(self, grad_scan, grad_unrolled, 1e-6, "grad")
+
+
+class SavedStatesShareTest(parameterized.TestCase):
+  """Without block remat every block's memory-kernel residuals live at once in the backward
+  pass, so the LM traces its blocks with the kernels' saved-state budget split between them."""
+
+  @parameterized.parameters((False, 3), (True, 1))
+  def test_blocks_traced_with_the_budget_split(self, remat, want):
+    config = LMConfig(vocab_size=13, d_model=16, num_layers=3, num_heads=2, pattern=("tnt",),
+                      dtype="float32", remat=remat,
+                      mixer_options={"tnt": dict(global_chunk=8, local_chunks=(2,),
+                                                 shard_lengths=8)})
+    model = ModelFunctions(LanguageModel(config, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    batch = {"inputs": tokens, "targets": tokens, "loss_mask": jnp.ones((1, 16))}
+    seen = []
+
+    def spy(*args, **kwargs):
+      seen.append(chunk_memory._SAVED_STATES_SHARERS.get())
+      return memory_op(*args, **kwargs)
+
+    with mock.patch.object(tnt_module, "memory_op", spy):
+      jax.eval_shape(jax.grad(lambda p: token_losses(model, p, batch)[0]),
+                     model.initial_params())
+    self.assertNotEmpty(seen)
+    self.assertEqual(set(seen), {want})
+    self.assertEqual(chunk_memory._SAVED_STATES_SHARERS.get(), 1)   # restored after
 
 
 class EmbeddingLookupTest(parameterized.TestCase):

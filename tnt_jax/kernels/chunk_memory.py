@@ -45,6 +45,8 @@ ops/api.py falls back to XLA with a logged reason.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -62,7 +64,7 @@ from tnt_jax.kernels.step_math import LAYOUTS, ChunkLayout
 from tnt_jax.kernels.step_math import act_and_grad as _act_and_grad
 from tnt_jax.kernels.step_math import one_dtype_per_matmul as _one_dtype_per_matmul
 from tnt_jax.ops import transitions
-from tnt_jax.platform import target_core_count, target_platform
+from tnt_jax.platform import target_core_count, target_memory_bytes, target_platform
 from tnt_jax.spec_strings import boolean, natural, parse_fields
 
 Array = jax.Array
@@ -96,8 +98,15 @@ class KernelBlocks:
     of every `save_every`-th chunk; the backward re-runs the forward kernel over one group of
     chunks at a time (saving each chunk's start state) and then walks that group in reverse, so
     the residuals are N / save_every + save_every states instead of N, for one more forward.
-    None picks round(sqrt(N)) (like ops/chunkwise.py's ~sqrt(N) chunk groups); 1 saves every
-    chunk-start state and recomputes nothing (fastest, most memory).
+    1 saves every chunk-start state and recomputes nothing (fastest, most memory). None picks
+    the smallest spacing whose saved states fit max_saved_bytes, at most round(sqrt(N)) (like
+    ops/chunkwise.py's ~sqrt(N) chunk groups, the least memory).
+  max_saved_bytes: the budget of one call's saved chunk states on a device (all its rows; at
+    save_every 1 with their compute-dtype copies, at a larger spacing with one group's re-run).
+    None: SAVED_STATES_FRACTION of the device's memory as JAX reports it (`bytes_limit`); where
+    it reports none (CPU, an abstract device) the spacing is round(sqrt(N)). Without block remat
+    every memory layer's saved states are alive at once in the backward pass: lower this (or
+    set save_every) if a model with many memory layers runs out of memory.
   rerun_groups: how many of those groups the fused backward re-runs in one launch, their rows
     stacked (each group's re-run needs only its saved start state), before walking them back in
     one reverse launch. Where a launch's programs leave SMs idle -- one sequence of 12 heads is
@@ -179,6 +188,7 @@ class KernelBlocks:
   max_chunk_activations: int | None = None
   backward: str = "fused"
   save_every: int | None = None
+  max_saved_bytes: int | None = None
   rerun_groups: int | None = None
   overlap_reruns: bool | None = None
   backward_num_warps: int | None = None
@@ -208,7 +218,7 @@ class KernelBlocks:
       raise ValueError(f"KernelBlocks.layout={self.layout!r} is unknown; expected one of "
                        f"{LAYOUTS}")
     for name in ("num_warps", "num_stages", "max_state_bytes", "max_chunk_activations",
-                 "save_every", "rerun_groups", "backward_num_warps"):   # hidden_slice, tile: below
+                 "save_every", "max_saved_bytes", "rerun_groups", "backward_num_warps"):   # hidden_slice, tile: below
       value = getattr(self, name)
       if value is None and name != "num_stages":
         continue
@@ -274,11 +284,48 @@ class KernelBlocks:
     """max_chunk_activations, or the driver's default."""
     return self.max_chunk_activations or DRIVER_BUDGETS[driver][1]
 
-  def checkpoint_spacing(self, num_chunks: int) -> int:
-    """Chunks per saved state for a row of num_chunks chunks (>= 1)."""
+  def checkpoint_spacing(self, num_chunks: int, chunk_state_bytes: int = 0,
+                         copy_bytes: int = 0) -> int:
+    """Chunks per saved state for rows of num_chunks chunks (>= 1). chunk_state_bytes: one
+    chunk-start state of every row (float32); copy_bytes: their compute-dtype copies, which
+    the forward saves beside them at a spacing of 1. Only 1 and round(sqrt(N)) are picked: a
+    spacing of 2 ran the Titans mlp op at 32K in 82.5 ms against 46.4 at sqrt(N) and ~45 at 1
+    (each group is a step of the backward's scan; docs/kernel_notes.md v26)."""
     if self.save_every is not None:
       return self.save_every
+    budget = self.max_saved_bytes or saved_states_budget()
+    if budget is not None and num_chunks * (chunk_state_bytes + copy_bytes) <= budget:
+      return 1
     return max(1, round(num_chunks ** 0.5))
+
+
+SAVED_STATES_FRACTION = 1 / 4
+_SAVED_STATES_SHARERS = contextvars.ContextVar("saved_states_sharers", default=1)
+
+
+@contextlib.contextmanager
+def saved_states_shared_by(calls: int):
+  """Trace inside this where `calls` memory ops' saved states are alive together in the
+  backward pass (a model's memory layers without block remat): each op's default budget is
+  then 1 / calls of SAVED_STATES_FRACTION of the device's memory."""
+  if not isinstance(calls, int) or calls < 1:
+    raise ValueError(f"calls={calls!r} must be an integer >= 1")
+  token = _SAVED_STATES_SHARERS.set(calls)
+  try:
+    yield
+  finally:
+    _SAVED_STATES_SHARERS.reset(token)
+
+
+def saved_states_budget() -> int | None:
+  """KernelBlocks.max_saved_bytes' default: SAVED_STATES_FRACTION of the target device's memory
+  limit over the ops that share it (saved_states_shared_by), None where JAX reports no limit.
+  Measured on an H100 (docs/kernel_notes.md v26): the small TNT {8} LM's step with block remat
+  289.6 -> 248.7 ms with every chunk saved (9 GiB a layer) against the sqrt(N) spacing."""
+  limit = target_memory_bytes()
+  if limit is None:
+    return None
+  return int(limit * SAVED_STATES_FRACTION) // _SAVED_STATES_SHARERS.get()
 
 
 def rerun_groups(blocks: KernelBlocks, *, rows: int, programs_per_row: int, shared: int,
@@ -1480,9 +1527,19 @@ def kernel_memory(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array, gates: G
                                    config, q_BxTxHxD.shape[-1], driver, blocks,
                                    dtype=q_BxTxHxD.dtype, interpret=bool(interpret),
                                    rows=q_BxTxHxD.shape[0] * q_BxTxHxD.shape[2]))
+  blocks = dataclasses.replace(blocks, save_every=_save_every(blocks, q_BxTxHxD, state, config))
   return _run_rows(_kernel_rows, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, gates, state, config,
                    padded_chunk=row_chunk(config.chunk_size, driver, blocks), driver=driver,
                    interpret=interpret, blocks=blocks)
+
+
+def _save_every(blocks: KernelBlocks, q_BxTxHxD, state: MemoryState, config: MemoryConfig):
+  """KernelBlocks.checkpoint_spacing for this call, decided once as the forward is traced (its
+  backward, traced later, reads it from the blocks)."""
+  leaves = jax.tree.leaves((state.weights, state.momentum))
+  elements = sum(x.size for x in leaves)
+  num_chunks = -(-q_BxTxHxD.shape[1] // config.chunk_size)
+  return blocks.checkpoint_spacing(num_chunks, elements * 4, elements * q_BxTxHxD.dtype.itemsize)
 
 
 def kernel_memory_reference(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tnt_jax.kernels.chunk_memory import saved_states_shared_by
 from tnt_jax.layers.attention import Attention, AttentionConfig
 from tnt_jax.layers.hybrid import HybridConfig, hybrid_mixer
 from tnt_jax.layers.mac import MACConfig
@@ -128,11 +129,14 @@ class LanguageModel(nnx.Module):
     blocks = list(self.blocks)
     period = len(self.config.pattern)
     groups = len(blocks) // period if self.config.scan_layers else 0
-    if groups > 1:
-      x = self._scan_groups(blocks[:groups * period], period, x, context_axis)
-      blocks = blocks[groups * period:]
-    for block in blocks:
-      x = self._run_block(nnx.split(block), x, context_axis)
+    # Without block remat every block's memory-kernel residuals are alive in the backward pass
+    # at once: the kernels' default saved-state budget is split between them.
+    with saved_states_shared_by(1 if self.config.remat else len(blocks)):
+      if groups > 1:
+        x = self._scan_groups(blocks[:groups * period], period, x, context_axis)
+        blocks = blocks[groups * period:]
+      for block in blocks:
+        x = self._run_block(nnx.split(block), x, context_axis)
     return self._logits(x)
 
   def _run_block(self, split_block, x, context_axis):
