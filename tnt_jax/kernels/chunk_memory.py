@@ -1539,7 +1539,18 @@ def _save_every(blocks: KernelBlocks, q_BxTxHxD, state: MemoryState, config: Mem
   leaves = jax.tree.leaves((state.weights, state.momentum))
   elements = sum(x.size for x in leaves)
   num_chunks = -(-q_BxTxHxD.shape[1] // config.chunk_size)
-  return blocks.checkpoint_spacing(num_chunks, elements * 4, elements * q_BxTxHxD.dtype.itemsize)
+  state_bytes, copy_bytes = elements * 4, elements * q_BxTxHxD.dtype.itemsize
+  spacing = blocks.checkpoint_spacing(num_chunks, state_bytes, copy_bytes)
+  if blocks.save_every is None:
+    saved = (num_chunks * (state_bytes + copy_bytes) if spacing == 1 else
+             (-(-num_chunks // spacing) + spacing) * state_bytes)
+    budget = blocks.max_saved_bytes or saved_states_budget()
+    logging.log_first_n(
+        logging.INFO, "fused backward of %d chunks x %d rows: checkpoint spacing %d, %.2f GiB "
+        "of saved states (budget %s; KernelBlocks.max_saved_bytes or save_every change it)",
+        8, num_chunks, q_BxTxHxD.shape[0] * q_BxTxHxD.shape[2], spacing, saved / 2**30,
+        "unknown" if budget is None else f"{budget / 2**30:.2f} GiB")
+  return spacing
 
 
 def kernel_memory_reference(q_BxTxHxD: Array, k_BxTxHxD: Array, v_BxTxHxD: Array,
