@@ -47,10 +47,7 @@ class GateCoefficientsTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     jax.config.update("jax_enable_x64", True)
-
-  def tearDown(self):
-    jax.config.update("jax_enable_x64", False)
-    super().tearDown()
+    self.addCleanup(jax.config.update, "jax_enable_x64", False)
 
   def _gates(self, chunk, seed):
     k = jax.random.split(jax.random.key(seed), 3)
