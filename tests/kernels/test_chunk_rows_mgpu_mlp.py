@@ -119,17 +119,18 @@ class MosaicMlpRowsTest(KernelTestCase):
   @parameterized.parameters(("titans", "cumulative", 4.0), ("gd", "chunk_start", 2.0))
   def test_forward_agrees_with_its_jnp_reference(self, rule, read, expansion):
     """The same operand roundings as `_chunk_step` ("features"). Interpreted, both run the
-    same float32 dots, so the states agree to float32 summation order and the bf16 outputs to
-    one rounding (the slices' output parts are added in float32 before it). Compiled, wgmma
-    accumulates in another order than XLA's dots, so some bf16-rounded activations land one
-    bf16 step apart, and the states differ by ~1e-3 (notes v17: the Pallas row kernel
-    differs from the same reference as much)."""
+    same float32 dots, but in another summation order, so now and then a float32 value one bit
+    apart rounds to the neighbouring bf16 value: the states agree to 0 on most inputs and to
+    4.9e-5, 3.1e-4 and 1.3e-3 on others (7 seeds measured, notes v26), under one bf16 step.
+    Compiled, wgmma accumulates in another order than XLA's dots, so such roundings are common
+    and the states differ by ~1e-3 (notes v17: the Pallas row kernel differs from the same
+    reference as much)."""
     config = _config(rule, read, expansion=expansion)
     args = _inputs(config, 64, jnp.bfloat16, _seed("mlp-rows-jnp", rule, read), 70)
     out, state = kernel_memory(*args, config, driver="chunk_loop", interpret=self.INTERPRET,
                                blocks=MOSAIC)
     want_out, want_state = jax.jit(lambda a: kernel_memory_reference(*a, config))(args)
-    assert_trees_rel_close(self, state, want_state, 1e-5 if self.INTERPRET else 1e-2, "state")
+    assert_trees_rel_close(self, state, want_state, 4e-3 if self.INTERPRET else 1e-2, "state")
     assert_trees_rel_close(self, out.astype(jnp.float32), want_out.astype(jnp.float32), 8e-3,
                            "out")
 
