@@ -98,13 +98,13 @@ class KernelBlocks:
     of every `save_every`-th chunk; the backward re-runs the forward kernel over one group of
     chunks at a time (saving each chunk's start state) and then walks that group in reverse, so
     the residuals are N / save_every + save_every states instead of N, for one more forward.
-    1 saves every chunk-start state and recomputes nothing (fastest, most memory). None picks
-    the smallest spacing whose saved states fit max_saved_bytes, at most round(sqrt(N)) (like
-    ops/chunkwise.py's ~sqrt(N) chunk groups, the least memory).
-  max_saved_bytes: the budget of one call's saved chunk states on a device (all its rows; at
-    save_every 1 with their compute-dtype copies, at a larger spacing with one group's re-run).
-    None: SAVED_STATES_FRACTION of the device's memory as JAX reports it (`bytes_limit`); where
-    it reports none (CPU, an abstract device) the spacing is round(sqrt(N)). Without block remat
+    1 saves every chunk-start state and recomputes nothing (fastest, most memory). None picks 1
+    where every chunk's state fits max_saved_bytes, else round(sqrt(N)) (like ops/chunkwise.py's
+    ~sqrt(N) chunk groups, the least memory); see checkpoint_spacing.
+  max_saved_bytes: the budget of one call's saved chunk states on a device (all its rows, with
+    the compute-dtype copies the forward saves beside them at spacing 1). None:
+    SAVED_STATES_FRACTION of the device's memory as JAX reports it (`bytes_limit`); where it
+    reports none (CPU, another kind of device) the spacing is round(sqrt(N)). Without block remat
     every memory layer's saved states are alive at once in the backward pass: lower this (or
     set save_every) if a model with many memory layers runs out of memory.
   rerun_groups: how many of those groups the fused backward re-runs in one launch, their rows
@@ -1542,13 +1542,12 @@ def _save_every(blocks: KernelBlocks, q_BxTxHxD, state: MemoryState, config: Mem
   state_bytes, copy_bytes = elements * 4, elements * q_BxTxHxD.dtype.itemsize
   spacing = blocks.checkpoint_spacing(num_chunks, state_bytes, copy_bytes)
   if blocks.save_every is None:
-    saved = (num_chunks * (state_bytes + copy_bytes) if spacing == 1 else
-             (-(-num_chunks // spacing) + spacing) * state_bytes)
     budget = blocks.max_saved_bytes or saved_states_budget()
     logging.log_first_n(
-        logging.INFO, "fused backward of %d chunks x %d rows: checkpoint spacing %d, %.2f GiB "
-        "of saved states (budget %s; KernelBlocks.max_saved_bytes or save_every change it)",
-        8, num_chunks, q_BxTxHxD.shape[0] * q_BxTxHxD.shape[2], spacing, saved / 2**30,
+        logging.INFO, "fused backward of %d chunks x %d rows: checkpoint spacing %d (every "
+        "chunk's states take %.2f GiB; budget %s; KernelBlocks.max_saved_bytes or save_every "
+        "change it)", 8, num_chunks, q_BxTxHxD.shape[0] * q_BxTxHxD.shape[2], spacing,
+        num_chunks * (state_bytes + copy_bytes) / 2**30,
         "unknown" if budget is None else f"{budget / 2**30:.2f} GiB")
   return spacing
 
